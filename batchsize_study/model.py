@@ -1,0 +1,183 @@
+"""The LightningModule: a Hugging Face causal LM built from a config (no weights), CE loss,
+AdamW with decay on matrices only, warmup + cosine stepped per optimizer step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from batchsize_study.config import ModelConfig, OptimConfig, ScheduleConfig
+from batchsize_study.schedule import build_scheduler
+
+
+def build_hf_config(cfg: ModelConfig, vocab_size: int):  # noqa: ANN201 - transformers.PretrainedConfig
+    """Map our few architecture knobs onto the named Hugging Face config class."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab_size, tie_word_embeddings=cfg.tie_embeddings)
+    if cfg.arch == "gpt2":
+        kw = dict(
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_positions=cfg.seq_len,
+            n_inner=cfg.intermediate_size,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    else:
+        kw = dict(
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size or _swiglu_width(cfg.hidden_size),
+            max_position_embeddings=cfg.seq_len,
+            attention_dropout=cfg.dropout,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        )
+    kw.update(common)
+    kw.update(dict(cfg.extra))
+    return AutoConfig.for_model(cfg.arch, **kw)
+
+
+def _swiglu_width(hidden: int) -> int:
+    # 8/3 * d rounded up to a multiple of 64: keeps SwiGLU's parameter count equal to a 4d MLP
+    # (Shazeer 2020, "GLU Variants Improve Transformer").
+    return int(math.ceil(8 * hidden / 3 / 64) * 64)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    hf_cfg = build_hf_config(cfg, vocab_size)
+    return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=cfg.attn_implementation)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: not norms, biases or embeddings (tied heads count as embeddings)."""
+    embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim < 2 or id(p) in embed_ids else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class CausalLMModule(pl.LightningModule):
+    """Trains one causal LM. Per-step metrics are gathered by the StepRecorder callback from
+    ``last_grad_norm``/``last_lr`` and the training-step outputs, so the hot path has no host sync."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        optim_cfg: OptimConfig,
+        schedule_cfg: ScheduleConfig,
+        vocab_size: int,
+        peak_lr: float,
+        max_steps: int,
+        warmup_steps: int,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            {
+                "model_cfg": asdict(model_cfg),
+                "optim_cfg": asdict(optim_cfg),
+                "schedule_cfg": asdict(schedule_cfg),
+                "vocab_size": vocab_size,
+                "peak_lr": peak_lr,
+                "max_steps": max_steps,
+                "warmup_steps": warmup_steps,
+                "compile": compile,
+            }
+        )
+        self.model_cfg = (
+            model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**model_cfg)
+        )
+        self.optim_cfg = (
+            optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig(**optim_cfg)
+        )
+        self.schedule_cfg = (
+            schedule_cfg
+            if isinstance(schedule_cfg, ScheduleConfig)
+            else ScheduleConfig(**schedule_cfg)
+        )
+        self.vocab_size, self.peak_lr = vocab_size, peak_lr
+        self.max_steps, self.warmup_steps = max_steps, warmup_steps
+        self.model = build_model(self.model_cfg, vocab_size)
+        self._forward = torch.compile(self.model) if compile else self.model
+        self.val_loss = MeanMetric()
+        self.last_grad_norm: torch.Tensor | None = None
+        self.last_lr: float = 0.0
+        self.last_val: dict[str, float] = {}
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the window (computed here on the logits, in fp32)."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = self._forward(input_ids=inputs).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.loss(batch)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        loss = self.loss(batch)
+        self.val_loss.update(loss, weight=batch.size(0))
+
+    def on_validation_epoch_end(self) -> None:
+        val = float(self.val_loss.compute())
+        self.val_loss.reset()
+        self.last_val = {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))}
+        self.log_dict(self.last_val, prog_bar=True, logger=False, sync_dist=False)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:  # noqa: ANN001
+        # One fused pass both measures and clips the global norm; the norm stays on the device.
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else math.inf
+        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm).detach()
+        self.last_lr = optimizer.param_groups[0]["lr"]
+
+    def configure_optimizers(self) -> dict:
+        o = self.optim_cfg
+        fused = torch.cuda.is_available() and next(self.parameters()).is_cuda
+        opt = torch.optim.AdamW(
+            param_groups(self.model, o.weight_decay),
+            lr=self.peak_lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            fused=fused or None,
+        )
+        s = self.schedule_cfg
+        sched = build_scheduler(
+            opt,
+            warmup_steps=self.warmup_steps,
+            max_steps=self.max_steps,
+            warmup_shape=s.warmup_shape,
+            decay=s.decay,
+            min_lr_ratio=s.min_lr_ratio,
+        )
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1},
+        }

@@ -1,0 +1,249 @@
+"""Per-optimizer-step metrics: gathered on the device, brought to the host in batches, written to
+the run's metrics.csv (the source of truth for ``compare``), the loggers and the detector.
+
+Why not ``self.log`` per step: Lightning's logging path syncs and formats every call; here one
+stacked transfer per ``log_every_steps`` serves the CSV, wandb, the progress bar and the detector.
+Why not Lightning's CSVLogger: it rewrites its file when a new key appears and knows nothing of a
+resumed run; this file has a fixed schema, is appended and flushed per batch of rows, and is cut
+back to the resumed step, so a crash loses nothing that was logged.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections import deque
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+CSV_FIELDS = (
+    "step",
+    "tokens",
+    "lr",
+    "train_loss",
+    "smoothed_loss",
+    "grad_norm",
+    "val_loss",
+    "val_ppl",
+    "tokens_per_second",
+    "mfu",
+    "elapsed_s",
+)
+
+
+def truncate_csv(path: str, max_step: int) -> None:
+    """Keep the header and rows up to ``max_step`` (a resumed run rewrites what came after)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as fh:
+        rows = [
+            r for r in csv.DictReader(fh) if r.get("step") and int(float(r["step"])) <= max_step
+        ]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+class StepRecorder(pl.Callback):
+    """Collects one row per optimizer step; see the module docstring."""
+
+    def __init__(
+        self,
+        csv_path: str,
+        tokens_per_step: int,
+        log_every_steps: int = 1,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+    ) -> None:
+        self.csv_path = csv_path
+        self.tokens_per_step = tokens_per_step
+        self.log_every_steps = log_every_steps
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self._acc: torch.Tensor | None = None
+        self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
+        self._last_step = 0
+        self._t_last = 0.0
+        self._t_start = 0.0
+        self._recent: deque[float] = deque(maxlen=10)
+        self._fh: Any = None
+        self._writer: csv.DictWriter | None = None
+        self.last_row: dict[str, float] = {}
+        self.steps_recorded = 0
+        self.tokens_per_second: deque[float] = deque(maxlen=50)
+        self.nonfinite_step: int | None = None
+
+    # ------------------------------------------------------------- lifecycle
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._t_start = self._t_last = time.perf_counter()
+        if trainer.is_global_zero:
+            os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
+            truncate_csv(self.csv_path, trainer.global_step)
+            new = not os.path.exists(self.csv_path)
+            self._fh = open(self.csv_path, "a", newline="")  # noqa: SIM115 - closed in teardown
+            self._writer = csv.DictWriter(self._fh, fieldnames=CSV_FIELDS)
+            if new:
+                self._writer.writeheader()
+                self._fh.flush()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh, self._writer = None, None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.flush(trainer, pl_module)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        try:
+            self.flush(trainer, pl_module, collective=False)
+        finally:
+            self.teardown(trainer, pl_module, "fit")
+
+    # ------------------------------------------------------------- per step
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            # Lightning hands callbacks the loss divided by the accumulation count: the sum over
+            # the micro-batches of one step is that step's mean loss.
+            loss = loss.detach()
+            self._acc = loss if self._acc is None else self._acc + loss
+        if trainer.global_step == self._last_step:
+            return  # still accumulating
+        self._last_step = trainer.global_step
+        acc, self._acc = self._acc, None
+        if acc is None:
+            acc = torch.tensor(float("nan"), device=pl_module.device)
+        self._pending.append(
+            (
+                trainer.global_step,
+                float(getattr(pl_module, "last_lr", 0.0)),
+                acc,
+                getattr(pl_module, "last_grad_norm", None),
+            )
+        )
+        if len(self._pending) >= self.log_every_steps or trainer.global_step >= (
+            trainer.max_steps or 0
+        ):
+            self.flush(trainer, pl_module)
+            # Progress-bar values are host floats already: no extra sync.
+            pl_module.log("loss", self.last_row["train_loss"], prog_bar=True, logger=False)
+            pl_module.log("lr", self.last_row["lr"], prog_bar=True, logger=False)
+
+    def flush(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, collective: bool = True
+    ) -> None:
+        """Bring pending rows to the host in one transfer; write, log, and feed the detector."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        losses = torch.stack([p[2].float() for p in pending])
+        norms = torch.stack(
+            [
+                p[3].float() if p[3] is not None else torch.tensor(math.nan, device=losses.device)
+                for p in pending
+            ]
+        ).to(losses.device)
+        if collective and trainer.world_size > 1:
+            losses = trainer.strategy.reduce(losses, reduce_op="mean")
+        values = torch.stack([losses, norms]).tolist()  # the one host sync for these steps
+        now = time.perf_counter()
+        tps = self.tokens_per_step * len(pending) / max(now - self._t_last, 1e-9)
+        self._t_last = now
+        self.tokens_per_second.append(tps)
+        mfu = None
+        if self.flops_per_token and self.peak_flops:
+            mfu = self.flops_per_token * tps / self.peak_flops
+        rows = []
+        for (step, lr, _, _), loss, norm in zip(pending, values[0], values[1]):
+            rows.append(
+                {
+                    "step": step,
+                    "tokens": step * self.tokens_per_step,
+                    "lr": lr,
+                    "train_loss": loss,
+                    "grad_norm": norm,
+                    "tokens_per_second": tps,
+                    "mfu": mfu,
+                    "elapsed_s": now - self._t_start,
+                }
+            )
+            if math.isfinite(loss):
+                self._recent.append(loss)
+            elif self.nonfinite_step is None:
+                self.nonfinite_step = step
+        extra: dict[str, float] = {}
+        for cb in trainer.callbacks:
+            hook = getattr(cb, "on_step_rows", None)
+            if hook is not None and cb is not self:
+                extra.update(hook(trainer, rows) or {})
+        if "spike/smoothed_loss" in extra:
+            rows[-1]["smoothed_loss"] = extra["spike/smoothed_loss"]
+        self.steps_recorded += len(rows)
+        self.last_row = rows[-1]
+        if trainer.is_global_zero:
+            self._write(rows)
+            for row in rows:
+                metrics = {
+                    "train/loss": row["train_loss"],
+                    "train/lr": row["lr"],
+                    "train/grad_norm": row["grad_norm"],
+                    "tokens_seen": row["tokens"],
+                    "throughput/tokens_per_second": tps,
+                }
+                if mfu is not None:
+                    metrics["throughput/mfu"] = mfu
+                if row is rows[-1]:
+                    metrics.update(extra)
+                for lg in trainer.loggers:
+                    lg.log_metrics(metrics, step=row["step"])
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not getattr(pl_module, "last_val", None):
+            return
+        self.flush(trainer, pl_module)
+        step = trainer.global_step
+        val = pl_module.last_val
+        if trainer.is_global_zero:
+            self._write(
+                [
+                    {
+                        "step": step,
+                        "tokens": step * self.tokens_per_step,
+                        "val_loss": val["val/loss"],
+                        "val_ppl": val["val/ppl"],
+                    }
+                ]
+            )
+            for lg in trainer.loggers:
+                lg.log_metrics({"val/loss": val["val/loss"], "val/ppl": val["val/ppl"]}, step=step)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        if self._writer is None:
+            return
+        for row in rows:
+            self._writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS})
+        self._fh.flush()
+
+    @property
+    def final_train_loss(self) -> float | None:
+        """Mean of the last (up to) 10 finite step losses: less noisy than the last step alone."""
+        return sum(self._recent) / len(self._recent) if self._recent else None

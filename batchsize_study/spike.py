@@ -1,0 +1,151 @@
+"""Destabilisation detection: a pure detector, and the Lightning callback that feeds it.
+
+The seed's step 1 raises the LR slowly until training "destabilises: a rapid loss increase",
+and records the LR where that began. The detector answers exactly that from the per-step training
+loss: it smooths the loss (EMA with bias correction, as Lightning's LR finder does), tracks the
+running best, and fires when the smoothed loss stays ``threshold`` above the best for
+``patience`` steps. It reports the *onset*: the last step before the alarm at which the smoothed
+loss was still within ``onset_tolerance`` of its best, and the LR of that step. A non-finite loss
+fires at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+
+from batchsize_study.config import DetectorConfig
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The detector's answer after a step."""
+
+    destabilised: bool
+    onset_step: int | None = None
+    onset_lr: float | None = None
+    alarm_step: int | None = None
+    reason: str = ""
+
+
+STABLE = Verdict(False)
+
+
+@dataclass
+class InstabilityDetector:
+    """Feed it ``update(step, lr, loss)`` once per optimizer step; it returns a :class:`Verdict`.
+
+    Pure Python, no tensors: the decision is unit-testable on synthetic series and costs nothing.
+    Once it has fired it keeps returning the same verdict.
+    """
+
+    smoothing: float = 0.9
+    threshold: float = 0.05
+    patience: int = 10
+    onset_tolerance: float = 0.01
+    ignore_first: int = 20
+
+    _n: int = 0
+    _avg: float = 0.0
+    _best: float = math.inf
+    _above: int = 0
+    _history: list[tuple[int, float, float]] = field(default_factory=list)
+    _verdict: Verdict = STABLE
+    smoothed: float = math.nan
+
+    @classmethod
+    def from_config(cls, cfg: DetectorConfig) -> InstabilityDetector:
+        return cls(
+            smoothing=cfg.smoothing,
+            threshold=cfg.threshold,
+            patience=cfg.patience,
+            onset_tolerance=cfg.onset_tolerance,
+            ignore_first=cfg.ignore_first,
+        )
+
+    @property
+    def best(self) -> float:
+        return self._best
+
+    def _onset(self) -> tuple[int, float]:
+        """Walk back from the newest step to the last one still near the best."""
+        limit = self._best * (1.0 + self.onset_tolerance)
+        for step, lr, smoothed in reversed(self._history):
+            if smoothed <= limit:
+                return step, lr
+        step, lr, _ = self._history[0]
+        return step, lr
+
+    def update(self, step: int, lr: float, loss: float) -> Verdict:
+        if self._verdict.destabilised:
+            return self._verdict
+        if not math.isfinite(loss):
+            onset = self._onset() if (self._history and self._above > 0) else (step, lr)
+            self._verdict = Verdict(
+                True, onset[0], onset[1], step, f"non-finite loss ({loss}) at step {step}"
+            )
+            return self._verdict
+        self._n += 1
+        self._avg = self.smoothing * self._avg + (1.0 - self.smoothing) * loss
+        self.smoothed = self._avg / (1.0 - self.smoothing**self._n)  # bias-corrected EMA
+        if self._n <= self.ignore_first:
+            return STABLE
+        if self.smoothed < self._best:
+            self._best = self.smoothed
+            self._history = [(step, lr, self.smoothed)]
+            self._above = 0
+            return STABLE
+        self._history.append((step, lr, self.smoothed))
+        if self.smoothed > self._best * (1.0 + self.threshold):
+            self._above += 1
+        else:
+            self._above = 0
+        if self._above >= self.patience:
+            onset_step, onset_lr = self._onset()
+            rise = self.smoothed / self._best - 1.0
+            self._verdict = Verdict(
+                True,
+                onset_step,
+                onset_lr,
+                step,
+                f"smoothed loss {self.smoothed:.4f} stayed >{self.threshold:.0%} above its best "
+                f"{self._best:.4f} for {self.patience} steps (now +{rise:.1%})",
+            )
+        return self._verdict
+
+
+class DestabilisationCallback(pl.Callback):
+    """Feeds the detector one unscaled, rank-reduced loss per optimizer step and acts on it.
+
+    ``stop_on_rise``: superconvergence stops at the onset's alarm; other experiments only stop on a
+    non-finite loss (their record says ``failed``) and note a rise as a warning.
+    The step rows arrive from :class:`batchsize_study.logging.StepRecorder` already reduced across
+    ranks, so every rank reaches the same decision; the stop flag is also reduced for safety.
+    """
+
+    def __init__(self, detector: InstabilityDetector, stop_on_rise: bool) -> None:
+        self.detector = detector
+        self.stop_on_rise = stop_on_rise
+        self.verdict: Verdict = STABLE
+        self.failure: str | None = None
+
+    def on_step_rows(self, trainer: pl.Trainer, rows: list[dict[str, float]]) -> dict[str, float]:
+        """Called by the StepRecorder with the newest rows; returns spike/ metrics to log."""
+        stop = False
+        for row in rows:
+            step, loss = int(row["step"]), row["train_loss"]
+            if not self.verdict.destabilised:
+                self.verdict = self.detector.update(step, row["lr"], loss)
+                stop = self.stop_on_rise and self.verdict.destabilised
+            if not self.stop_on_rise and not math.isfinite(loss):
+                self.failure = f"non-finite training loss ({loss}) at step {step}"
+                stop = True
+            if stop:
+                break
+        stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
+        if stop:
+            trainer.should_stop = True
+        out = {"spike/smoothed_loss": self.detector.smoothed, "spike/best_loss": self.detector.best}
+        return {k: v for k, v in out.items() if math.isfinite(v)}

@@ -1,0 +1,221 @@
+"""A study's records: written atomically, read defensively, and the x -> y -> z chain derived
+from them with provenance (which record, which rule)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchsize_study.errors import ConfigError, UpstreamError
+
+log = logging.getLogger(__name__)
+
+RECORD = "result.json"
+FINAL_STATUSES = ("completed", "diverged", "no_divergence")
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Temp file in the same folder, fsync, rename, fsync the folder: a reader sees the old file
+    or the new one, never a torn one, even across a power loss."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def runs_dir(study_dir: str | os.PathLike) -> Path:
+    return Path(study_dir) / "runs"
+
+
+def read_records(
+    study_dir: str | os.PathLike, experiment: str | None = None
+) -> list[dict[str, Any]]:
+    """Every readable result.json of the study (each with ``_path``), oldest first.
+    A torn or foreign file is skipped with a warning, never trusted."""
+    out = []
+    for p in sorted(runs_dir(study_dir).glob(f"*/{RECORD}")):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("skipping unreadable record %s (%s)", p, exc)
+            continue
+        if not isinstance(rec, dict) or "experiment" not in rec:
+            log.warning("skipping %s: not a batchsize_study record", p)
+            continue
+        if experiment is None or rec.get("experiment") == experiment:
+            rec["_path"] = str(p)
+            out.append(rec)
+    out.sort(key=lambda r: (r.get("finished_at") or 0, r["_path"]))
+    return out
+
+
+def stable_hash(obj: Any, n: int = 10) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def make_run_id(task: str, batch_size: int, seed: int, config_hash: str) -> str:
+    """Unique per experiment, batch size, seed and configuration: sweeps never collide, and the
+    same command maps to the same folder (so it can be resumed or reported)."""
+    return f"{task}-bs{batch_size}-seed{seed}-{config_hash}"
+
+
+# ---------------------------------------------------------------- LR rules
+
+
+def small_batch_lr(unstable_lr: float, lr_factor: float) -> float:
+    """y = lr_factor * x (the seed's step 2: y = 50 % of the measured unstable LR x)."""
+    return lr_factor * unstable_lr
+
+
+def large_batch_lr(small_lr: float, small_batch: int, large_batch: int, alpha: float) -> float:
+    """z = y * (B_large / B_small) ** alpha.
+
+    alpha = 0.5: square-root rule for Adam (Malladi et al. 2022, "On the SDEs and Scaling Rules
+    for Adaptive Gradient Algorithms"); alpha = 1: linear rule (Goyal et al. 2017); alpha = -0.5:
+    the seed text's literal y * (oldBS/newBS)^0.5.
+    """
+    return small_lr * (large_batch / small_batch) ** alpha
+
+
+def adam_sde_hparams(betas: list[float], eps: float, ratio: float) -> tuple[list[float], float]:
+    """Adam's betas and eps under the square-root SDE scaling rule for a batch ``ratio`` = B/B0
+    (Malladi et al. 2022, Definition 4.2): 1 - beta_i -> ratio * (1 - beta_i), eps -> eps / sqrt(ratio)."""
+    new_betas = [max(0.0, 1.0 - ratio * (1.0 - b)) for b in betas]
+    return new_betas, eps / math.sqrt(ratio)
+
+
+@dataclass
+class Upstream:
+    """What a run derived from: the value, the record(s) and how they were chosen."""
+
+    value: float
+    records: list[dict[str, Any]]
+    selection: str
+
+    @property
+    def paths(self) -> list[str]:
+        return [r["_path"] for r in self.records]
+
+
+def _candidates(
+    study_dir: str,
+    experiment: str,
+    status: str,
+    compat_key: str,
+    seed: int,
+    wait_seconds: float,
+    batch_size: int | None,
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        recs = read_records(study_dir, experiment)
+        usable = [
+            r for r in recs if r.get("status") == status and r.get("compat_key") == compat_key
+        ]
+        if batch_size is not None:
+            usable = [r for r in usable if r.get("batch_size") == batch_size]
+        if usable or time.monotonic() >= deadline:
+            return usable
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
+def _choose(usable: list[dict[str, Any]], seed: int, field: str) -> Upstream:
+    same = [r for r in usable if r.get("seed") == seed]
+    if same:
+        rec = same[-1]
+        return Upstream(float(rec[field]), [rec], f"same seed ({seed})")
+    values = sorted(float(r[field]) for r in usable)
+    median = statistics.median(values)
+    return Upstream(median, usable, f"median of {len(usable)} records (no record with seed {seed})")
+
+
+def find_unstable_lr(
+    study_dir: str, seed: int, compat_key: str, batch_size: int, wait_seconds: float = 0.0
+) -> Upstream:
+    """x for small_batch: the superconvergence record of the same seed, else the median."""
+    usable = _candidates(
+        study_dir, "superconvergence", "diverged", compat_key, seed, wait_seconds, batch_size
+    )
+    if usable:
+        return _choose(usable, seed, "unstable_lr")
+    recs = read_records(study_dir, "superconvergence")
+    if not recs:
+        raise UpstreamError(
+            f"study.dir={study_dir}: no superconvergence record; run "
+            "`python -m batchsize_study experiment=superconvergence` first (same study.dir), or give lr=<number>"
+        )
+    seen = ", ".join(
+        f"{Path(r['_path']).parent.name}: status={r.get('status')}, batch_size={r.get('batch_size')}"
+        for r in recs[-4:]
+    )
+    raise UpstreamError(
+        f"study.dir={study_dir}: no diverged superconvergence record matches this run's model, data, seq_len and "
+        f"batch_size={batch_size} (found {seen}); for no_divergence raise lr or max_steps in superconvergence, "
+        "or give lr=<number>"
+    )
+
+
+def find_small_batch(
+    study_dir: str, seed: int, compat_key: str, wait_seconds: float = 0.0
+) -> Upstream:
+    """y and B_small for large_batch: the completed small_batch record of the same seed, else the median."""
+    usable = _candidates(
+        study_dir, "small_batch", "completed", compat_key, seed, wait_seconds, None
+    )
+    if not usable:
+        raise UpstreamError(
+            f"study.dir={study_dir}: no completed small_batch record for this model and data; run "
+            "`python -m batchsize_study experiment=small_batch` first (same study.dir), or give lr=<number>"
+        )
+    sizes = {r.get("batch_size") for r in usable}
+    same = [r for r in usable if r.get("seed") == seed]
+    if not same and len(sizes) > 1:
+        raise UpstreamError(
+            f"study.dir={study_dir}: small_batch records with different batch sizes {sorted(sizes)} and none with "
+            f"seed={seed}; run small_batch with seed={seed}, or give lr=<number>"
+        )
+    return _choose(usable, seed, "lr")
+
+
+def check_step_budget(
+    small: dict[str, Any], max_steps: int, warmup_steps: int, allow: bool
+) -> None:
+    """The comparison is at equal optimizer steps: refuse a different budget unless allowed."""
+    for key, mine in (("max_steps", max_steps), ("warmup_steps", warmup_steps)):
+        theirs = small.get(key)
+        if theirs is not None and theirs != mine and not allow:
+            raise ConfigError(
+                key,
+                mine,
+                f"the small_batch run used {key}={theirs}; use {key}={theirs} so both are compared at equal "
+                "optimizer steps, or allow_step_mismatch=true to compare anyway (recorded)",
+            )
