@@ -95,18 +95,7 @@ class CausalLMModule(pl.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(
-            {
-                "model_cfg": asdict(model_cfg),
-                "optim_cfg": asdict(optim_cfg),
-                "schedule_cfg": asdict(schedule_cfg),
-                "vocab_size": vocab_size,
-                "peak_lr": peak_lr,
-                "max_steps": max_steps,
-                "warmup_steps": warmup_steps,
-                "compile": compile,
-            }
-        )
+        # Checkpoints store plain dicts; accept both so load_from_checkpoint rebuilds the module.
         self.model_cfg = (
             model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**model_cfg)
         )
@@ -117,6 +106,18 @@ class CausalLMModule(pl.LightningModule):
             schedule_cfg
             if isinstance(schedule_cfg, ScheduleConfig)
             else ScheduleConfig(**schedule_cfg)
+        )
+        self.save_hyperparameters(
+            {
+                "model_cfg": asdict(self.model_cfg),
+                "optim_cfg": asdict(self.optim_cfg),
+                "schedule_cfg": asdict(self.schedule_cfg),
+                "vocab_size": vocab_size,
+                "peak_lr": peak_lr,
+                "max_steps": max_steps,
+                "warmup_steps": warmup_steps,
+                "compile": compile,
+            }
         )
         self.vocab_size, self.peak_lr = vocab_size, peak_lr
         self.max_steps, self.warmup_steps = max_steps, warmup_steps

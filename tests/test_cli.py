@@ -1,0 +1,63 @@
+"""The command line: bad input fails before any work with one clear line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, study: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "batchsize_study",
+            f"study.dir={study}",
+            "logger=csv",
+            "debug=smoke",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def last_line(p: subprocess.CompletedProcess) -> str:
+    return [ln for ln in p.stderr.strip().splitlines() if ln.strip()][-1]
+
+
+def test_impossible_batch_split_names_both(tmp_path):
+    p = cli("batch_size=10", "micro_batch_size=4", study=tmp_path)
+    assert p.returncode == 2
+    line = last_line(p)
+    assert line.startswith("error:") and "batch_size=10" in line and "micro_batch_size=4" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_experiment_lists_the_choices(tmp_path):
+    p = cli("experiment=nope", study=tmp_path)
+    assert p.returncode != 0
+    assert "Could not find 'experiment/nope'" in p.stderr
+    for choice in ("superconvergence", "small_batch", "large_batch"):
+        assert choice in p.stderr
+
+
+def test_missing_text_corpus_is_a_clear_error(tmp_path):
+    p = cli("data=text", "data.path=/nonexistent", study=tmp_path)
+    assert p.returncode == 2
+    line = last_line(p)
+    assert line.startswith("error:") and "data.path='/nonexistent'" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    p = cli("batch_size=abc", study=tmp_path)
+    assert p.returncode != 0 and "batch_size" in p.stderr and "Traceback" not in p.stderr
