@@ -184,7 +184,8 @@ def test_same_seed_fp32_gives_identical_metrics(tmp_path):
     )
 
 
-def test_initial_loss_is_near_ln_vocab(tmp_path):
+@pytest.mark.parametrize("batch", ["16", "64"])  # accumulation 1 and 4: the logged loss is unscaled
+def test_initial_loss_is_near_ln_vocab(tmp_path, batch):
     from conftest import make_cfg
 
     rec = run(
@@ -195,8 +196,10 @@ def test_initial_loss_is_near_ln_vocab(tmp_path):
             "max_steps=2",
             "warmup_steps=1",
             "precision=32-true",
+            f"batch_size={batch}",
         )
     )
+    assert rec["accumulate_grad_batches"] == int(batch) // 16
     first = float(rows(rec)[0]["train_loss"])
     assert abs(first - math.log(rec["vocab_size"])) / math.log(rec["vocab_size"]) < 0.10
 
