@@ -181,8 +181,20 @@ def lr_schedules(study: Study) -> Figure:
                 alpha=0.9,
                 label=f"{g.label} ({_seed_note(g)})" if i == 0 else None,
             )
-    _hline(ax, marks["x_unstable_lr"], f"x = {marks['x_unstable_lr'] or 0:.4g} (unstable LR)", "black", "--")
-    _hline(ax, marks["y_small_lr"], f"y = {marks['y_small_lr'] or 0:.4g} (small batch peak)", SMALL_COLOR, ":")
+    _hline(
+        ax,
+        marks["x_unstable_lr"],
+        f"x = {marks['x_unstable_lr'] or 0:.4g} (unstable LR)",
+        "black",
+        "--",
+    )
+    _hline(
+        ax,
+        marks["y_small_lr"],
+        f"y = {marks['y_small_lr'] or 0:.4g} (small batch peak)",
+        SMALL_COLOR,
+        ":",
+    )
     for g in study.large:
         z = marks["z_large_lr"].get(g.batch_size)
         _hline(ax, z, f"z = {z or 0:.4g} ({g.label} peak)", group_color(study, g), ":")

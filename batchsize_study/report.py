@@ -119,11 +119,7 @@ def betainc(a: float, b: float, x: float) -> float:
     if x >= 1.0:
         return 1.0
     lbt = (
-        math.lgamma(a + b)
-        - math.lgamma(a)
-        - math.lgamma(b)
-        + a * math.log(x)
-        + b * math.log1p(-x)
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
     )
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(lbt) * _betacf(a, b, x) / a
@@ -415,9 +411,7 @@ def load_study(study_dir: str | Path, ema_beta: float = 0.9) -> Study:
         )
     # Several small batch sizes: the baseline is the one the large runs derived their LR from.
     derived = [
-        r.record.get("derivation", {}).get("small_batch_size")
-        for k in larges
-        for r in by_group[k]
+        r.record.get("derivation", {}).get("small_batch_size") for k in larges for r in by_group[k]
     ]
     base = max(smalls, key=lambda k: (derived.count(k[1]), len(by_group[k])))
     for k in smalls:
@@ -430,9 +424,8 @@ def load_study(study_dir: str | Path, ema_beta: float = 0.9) -> Study:
         records=records,
         runs=runs,
         small=Group(*base, by_group[base]),
-        large=[Group(*k, by_group[k]) for k in larges if k[1] != base[1]] or [
-            Group(*k, by_group[k]) for k in larges
-        ],
+        large=[Group(*k, by_group[k]) for k in larges if k[1] != base[1]]
+        or [Group(*k, by_group[k]) for k in larges],
         superconvergence=sc_runs,
         ignored=ignored,
     )
@@ -930,7 +923,9 @@ def lr_marks(study: Study) -> dict[str, Any]:
             or [r.record.get("unstable_lr") for r in study.small.runs]
         ),
         "y_small_lr": mean([r.record.get("lr") for r in study.small.runs]),
-        "z_large_lr": {g.batch_size: mean([r.record.get("lr") for r in g.runs]) for g in study.large},
+        "z_large_lr": {
+            g.batch_size: mean([r.record.get("lr") for r in g.runs]) for g in study.large
+        },
     }
 
 
@@ -962,9 +957,7 @@ for _b in (section_verdict, section_runs, section_curves, section_schedules, sec
 # ---------------------------------------------------------------- entry point
 
 
-def build_report(
-    study_dir: str | Path, settings: CompareSettings | None = None
-) -> dict[str, Any]:
+def build_report(study_dir: str | Path, settings: CompareSettings | None = None) -> dict[str, Any]:
     """Load the study, run every section, write report/ (report.md, PNGs, comparison.json)."""
     s = settings or CompareSettings()
     study = load_study(study_dir, s.ema)

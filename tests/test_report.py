@@ -161,7 +161,9 @@ def test_ladder_of_large_batches_is_compared_each(tmp_path: Path) -> None:
     for b, off in ((16, -0.02), (32, -0.04), (64, 0.03)):
         write_run(tmp_path, "large_batch", b, 0, curve(30, offset=off))
     comp = report.build_report(tmp_path)
-    verdicts = {c["large_batch_size"]: c["per_step_verdict"] for c in comp["verdict"]["comparisons"]}
+    verdicts = {
+        c["large_batch_size"]: c["per_step_verdict"] for c in comp["verdict"]["comparisons"]
+    }
     assert verdicts == {16: "supported", 32: "supported", 64: "not supported"}
     assert comp["verdict"]["overall_per_step"] == "mixed"
     assert comp["verdict"]["comparisons"][0]["per_step"]["final"]["metric"] == "smoothed_train_loss"
