@@ -53,9 +53,10 @@ def loss_vs(study: Study, by: str, level: float = 0.95) -> Figure:
     loss (markers) of the small and large batch runs, against optimizer steps or tokens seen."""
     fig, ax = _figure()
     smoothed_top: list[float] = []
-    for g in study.groups:
+    multi = any(len(g.runs) > 1 for g in study.groups)
+    for gi, g in enumerate(study.groups):
         color = group_color(study, g)
-        for r in g.runs:
+        for r in g.runs if not multi else []:  # with several seeds the band says enough
             xs = r.step if by == "step" else r.tokens
             ax.plot(xs, r.train_loss, color=color, alpha=0.15, linewidth=0.8)
         c = g.curve(by, level)
@@ -67,7 +68,15 @@ def loss_vs(study: Study, by: str, level: float = 0.95) -> Figure:
             label=f"{g.label}: train loss, smoothed ({_seed_note(g)})",
         )
         if len(g.runs) > 1:
-            ax.fill_between(c["x"], c["lo"], c["hi"], color=color, alpha=0.2, linewidth=0)
+            ax.fill_between(
+                c["x"],
+                c["lo"],
+                c["hi"],
+                color=color,
+                alpha=0.12,
+                linewidth=0,
+                label=f"{g.label}: {level:.0%} interval of the mean over {len(g.runs)} seeds",
+            )
         smoothed_top.append(float(np.nanmax(c["mean"][len(c["mean"]) // 10 :])))
         v = g.val_curve(by, level)
         if len(v["x"]):
@@ -81,13 +90,17 @@ def loss_vs(study: Study, by: str, level: float = 0.95) -> Figure:
                 label=f"{g.label}: validation loss",
             )
             if len(g.runs) > 1:
+                # side by side, not on top of each other: a small shift along x per group
+                shift = (gi - (len(study.groups) - 1) / 2) * 0.006 * float(np.nanmax(v["x"]))
                 ax.errorbar(
-                    v["x"],
+                    v["x"] + shift,
                     v["mean"],
                     yerr=[v["mean"] - v["lo"], v["hi"] - v["mean"]],
                     color=color,
                     linestyle="none",
                     capsize=3,
+                    linewidth=1,
+                    alpha=0.7,
                 )
             smoothed_top.append(float(np.nanmax(v["mean"])))
     # The first steps fall from ln(vocab): keep them from squashing the part that is compared.
@@ -95,7 +108,10 @@ def loss_vs(study: Study, by: str, level: float = 0.95) -> Figure:
     lo, hi = min(lows), max(smoothed_top)
     pad = 0.1 * (hi - lo if hi > lo else 1.0)
     ax.set_ylim(lo - pad, hi + 3 * pad)
-    ax.plot([], [], color="grey", alpha=0.4, linewidth=0.8, label="thin: unsmoothed per-step loss")
+    if not multi:
+        ax.plot(
+            [], [], color="grey", alpha=0.4, linewidth=0.8, label="thin: unsmoothed per-step loss"
+        )
     what = "per optimizer step (same steps)" if by == "step" else "per token seen (same compute)"
     _style(ax, by, f"Loss {what}")
     ax.legend(fontsize=8, loc="upper right")
@@ -122,7 +138,7 @@ def difference(study: Study, comparisons: list[dict[str, Any]], level: float = 0
                     color=color,
                     alpha=0.2,
                     linewidth=0,
-                    label=f"{level:.0%} interval across seeds",
+                    label=f"{name}: {level:.0%} interval over seeds",
                 )
         val = [r for r in comp["matched_steps"] if r["metric"] == "val_loss"]
         if val:
@@ -152,24 +168,44 @@ def _hline(ax: Axes, y: float | None, text: str, color: str, style: str) -> None
     ax.axhline(y, color=color, linestyle=style, linewidth=1.2, label=text)
 
 
+def _mean_note(n: int) -> str:
+    return "" if n <= 1 else f", mean of {n} seeds"
+
+
+def seed_colors(n: int) -> list[str]:
+    """Greys from dark to mid for the superconvergence runs of several seeds."""
+    return [SC_COLOR] if n <= 1 else [str(0.15 + 0.45 * i / (n - 1)) for i in range(n)]
+
+
 def lr_schedules(study: Study) -> Figure:
     """The LR of every run per optimizer step, with x, y and z marked as horizontal lines."""
     fig, ax = _figure()
     marks = lr_marks(study)
-    for r in study.superconvergence:
+    sc = study.superconvergence
+    for i, r in enumerate(sc):
+        label = None
+        if i == 0:
+            seeds = ", ".join(str(s.seed) for s in sc)
+            label = (
+                f"superconvergence, batch {r.batch_size} (seed{'s' if len(sc) > 1 else ''} {seeds})"
+            )
+        ax.plot(r.step, r.lr, color=SC_COLOR, linewidth=1.5, label=label)
+    onsets = [
+        (r.record["spike_step"], r.record["unstable_lr"])
+        for r in sc
+        if r.record.get("spike_step") is not None and r.record.get("unstable_lr") is not None
+    ]
+    if onsets:
+        steps = ", ".join(str(o[0]) for o in onsets)
         ax.plot(
-            r.step,
-            r.lr,
-            color=SC_COLOR,
-            linewidth=1.5,
-            label=f"superconvergence, batch {r.batch_size} (seed {r.seed})",
+            [o[0] for o in onsets],
+            [o[1] for o in onsets],
+            marker="X",
+            markersize=11,
+            color="black",
+            linestyle="none",
+            label=f"onset of destabilisation (step {steps})",
         )
-        onset = r.record.get("spike_step")
-        if onset is not None and r.record.get("unstable_lr") is not None:
-            ax.plot(
-                [onset], [r.record["unstable_lr"]], marker="X", markersize=11, color="black",
-                linestyle="none", label=f"onset of destabilisation (step {onset})",
-            )  # fmt: skip
     for g in study.groups:
         color = group_color(study, g)
         for i, r in enumerate(g.runs):
@@ -179,25 +215,26 @@ def lr_schedules(study: Study) -> Figure:
                 color=color,
                 linewidth=2,
                 alpha=0.9,
-                label=f"{g.label} ({_seed_note(g)})" if i == 0 else None,
+                label=f"{g.label} ({_seed_note(g).replace(', mean', '')})" if i == 0 else None,
             )
+    x, y = marks["x_unstable_lr"], marks["y_small_lr"]
+    _hline(ax, x, f"x = {x or 0:.4g} (unstable LR{_mean_note(len(sc))})", "black", "--")
     _hline(
         ax,
-        marks["x_unstable_lr"],
-        f"x = {marks['x_unstable_lr'] or 0:.4g} (unstable LR)",
-        "black",
-        "--",
-    )
-    _hline(
-        ax,
-        marks["y_small_lr"],
-        f"y = {marks['y_small_lr'] or 0:.4g} (small batch peak)",
+        y,
+        f"y = {y or 0:.4g} (small batch peak{_mean_note(len(study.small.runs))})",
         SMALL_COLOR,
         ":",
     )
     for g in study.large:
         z = marks["z_large_lr"].get(g.batch_size)
-        _hline(ax, z, f"z = {z or 0:.4g} ({g.label} peak)", group_color(study, g), ":")
+        _hline(
+            ax,
+            z,
+            f"z = {z or 0:.4g} ({g.label} peak{_mean_note(len(g.runs))})",
+            group_color(study, g),
+            ":",
+        )
     ax.set_xlabel(X_LABEL["step"])
     ax.set_ylabel("learning rate")
     ax.set_title("Learning-rate schedules, with x, y and z")
@@ -208,34 +245,45 @@ def lr_schedules(study: Study) -> Figure:
 
 def superconvergence(study: Study) -> Figure:
     """The superconvergence curve: smoothed training loss against LR (log scale) during the
-    warmup, with the onset x (and y, z for reference) marked."""
+    warmup, with the onset x of each seed (and y, z for reference) marked."""
     fig, ax = _figure()
     marks = lr_marks(study)
     tops, lows = [], []
-    for r in study.superconvergence:
+    colors = seed_colors(len(study.superconvergence))
+    fired = False
+    for r, color in zip(study.superconvergence, colors):
         smooth = r.detector_smoothed if np.isfinite(r.detector_smoothed).sum() > 1 else r.smoothed
-        ax.plot(r.lr, r.train_loss, color=SC_COLOR, alpha=0.25, linewidth=0.8)
+        ax.plot(r.lr, r.train_loss, color=color, alpha=0.25, linewidth=0.8)
+        x, onset = r.record.get("unstable_lr"), r.record.get("spike_step")
+        what = f"x = {x:.4g} at step {onset}" if x is not None else "no destabilisation"
         ax.plot(
             r.lr,
             smooth,
-            color=SC_COLOR,
+            color=color,
             linewidth=2,
-            label=f"batch {r.batch_size}, seed {r.seed}: train loss, smoothed",
+            label=f"batch {r.batch_size}, seed {r.seed}: smoothed train loss; {what}",
         )
         finite = smooth[np.isfinite(smooth)]
         if len(finite):
             tops.append(float(finite.max()))
             lows.append(float(finite.min()))
-        x, onset = r.record.get("unstable_lr"), r.record.get("spike_step")
         if x is not None:
-            ax.axvline(x, color="black", linestyle="--", linewidth=1.5,
-                       label=f"x = {x:.4g}: onset of destabilisation (step {onset})")  # fmt: skip
+            ax.axvline(x, color=color, linestyle="--", linewidth=1.5)
         alarm = r.record.get("alarm_step")
         if alarm is not None:
             i = int(np.searchsorted(r.step, alarm))
             if i < len(r.step):
-                ax.plot([r.lr[i]], [smooth[i]], marker="v", color="red", markersize=9,
-                        linestyle="none", label=f"detector fired (step {alarm})")  # fmt: skip
+                ax.plot(
+                    [r.lr[i]],
+                    [smooth[i]],
+                    marker="v",
+                    color="red",
+                    markersize=9,
+                    linestyle="none",
+                    label=None if fired else "detector fired (run stopped)",
+                )
+                fired = True
+    ax.plot([], [], color="black", linestyle="--", label="dashed: onset of destabilisation, x")
     y = marks["y_small_lr"]
     if y is not None:
         ax.axvline(y, color=SMALL_COLOR, linestyle=":", label=f"y = {y:.4g} (small batch peak)")
