@@ -450,7 +450,8 @@ def _fmt_ranges(ranges: list[list[int]]) -> str:
 
 
 def _pairs(small: Group, large: Group) -> list[tuple[Run, Run]]:
-    """Runs paired by seed; with no common seed, every small run with every large run."""
+    """Runs paired by seed (callers fall back to every small run x every large run, untested,
+    when the two groups share no seed)."""
     by_seed = {r.seed: r for r in small.runs}
     paired = [(by_seed[r.seed], r) for r in large.runs if r.seed in by_seed]
     return paired
@@ -498,12 +499,12 @@ def compare_view(small: Group, large: Group, by: str, s: CompareSettings) -> dic
             "difference": float(mean[i_best]),
             "relative": float(rel[i_best]),
         }
-        out["final"] = _final_point(pairs, float(grid[-1]), by, s)
+        out["final"] = _final_point(pairs, float(grid[-1]), by, s, paired=not unpaired)
     return out
 
 
 def _final_point(
-    pairs: list[tuple[Run, Run]], x: float, by: str, s: CompareSettings
+    pairs: list[tuple[Run, Run]], x: float, by: str, s: CompareSettings, paired: bool = True
 ) -> dict[str, Any]:
     vals = [(a.val_at(x, by), b.val_at(x, by)) for a, b in pairs]
     use_val = all(va is not None and vb is not None for va, vb in vals)
@@ -526,7 +527,8 @@ def _final_point(
         "relative": (large_m - small_m) / small_m if small_m else None,
         "per_seed_difference": d,
         "large_lower": large_m < small_m,
-        "test": paired_test(d, s.confidence),
+        "test": paired_test(d, s.confidence) if paired else None,
+        "paired": paired,
     }
 
 
@@ -727,6 +729,11 @@ def section_runs(study: Study, ctx: ReportContext) -> Section:
 
 def _seed_sentence(final: dict[str, Any], n_pairs: int, level: float) -> str:
     test = final.get("test")
+    if test is None and not final.get("paired", True):
+        return (
+            "The two groups share no seed, so there is no paired test; run both with the same "
+            "seeds (e.g. `-m seed=0,1,2`) to compare them against the seed-to-seed spread."
+        )
     if test is None:
         return (
             "This rests on one seed: there is no estimate of the seed-to-seed spread, so the "
@@ -814,9 +821,7 @@ def _is_curve(key: str) -> bool:
 def section_verdict(study: Study, ctx: ReportContext) -> Section:
     s = ctx.settings
     comps = [verdict_for(study, g, s) for g in study.large]
-    one_seed = all(
-        c["per_step"].get("final", {}).get("test") is None for c in comps
-    )  # no paired test anywhere
+    one_seed = all(len(g.runs) == 1 for g in study.groups)
     step_verdicts = {c["per_step_verdict"] for c in comps}
     overall = step_verdicts.pop() if len(step_verdicts) == 1 else "mixed"
     data = {
@@ -872,6 +877,9 @@ def section_curves(study: Study, ctx: ReportContext) -> Section:
             "per_step": {k: v.tolist() for k, v in g.curve("step", s.confidence).items()},
             "per_token": {k: v.tolist() for k, v in g.curve("tokens", s.confidence).items()},
             "val_per_step": {k: v.tolist() for k, v in g.val_curve("step", s.confidence).items()},
+            "val_per_token": {
+                k: v.tolist() for k, v in g.val_curve("tokens", s.confidence).items()
+            },
         }
         for g in study.groups
     }

@@ -285,3 +285,12 @@ def test_cli_multirun_with_compare_last(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "report" / "report.md").exists()
     assert len(list((tmp_path / "report").glob("*.png"))) >= 4
+
+
+def test_groups_without_a_common_seed_get_no_paired_test(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        write_run(tmp_path, "small_batch", 8, seed, curve(20, noise=0.01, seed=seed))
+        write_run(tmp_path, "large_batch", 16, seed + 5, curve(20, offset=-0.1, seed=seed))
+    v = report.build_report(tmp_path)["verdict"]["comparisons"][0]
+    assert v["per_step"]["unpaired"] and v["per_step"]["final"]["test"] is None
+    assert "share no seed" in v["text"]
