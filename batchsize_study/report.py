@@ -494,7 +494,8 @@ def compare_view(small: Group, large: Group, by: str, s: CompareSettings) -> dic
     if len(grid):
         rel = mean / small_mean
         i_best = int(np.nanargmin(mean))
-        out["largest_advantage"] = {
+        # where large - small is smallest: the large batch's biggest lead when negative
+        out["min_difference"] = {
             unit: float(grid[i_best]),
             "difference": float(mean[i_best]),
             "relative": float(rel[i_best]),
@@ -763,7 +764,7 @@ def verdict_for(study: Study, large: Group, s: CompareSettings) -> dict[str, Any
         f"(seeds {large.seeds} vs {small.seeds}).",
     ]
     if fs:
-        adv = per_step["largest_advantage"]
+        adv = per_step["min_difference"]
         lead = (
             f"its largest lead is {-adv['difference']:.4f} nats ({-adv['relative']:.1%}) at step "
             f"{adv['step']:.0f}"
