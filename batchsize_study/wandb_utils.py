@@ -1,7 +1,8 @@
 """wandb: offline by default, never waiting on a network, never leaving a process behind.
 
 Runs of one study share a ``group``; each experiment is a ``job_type``. Offline runs are written
-under ``<study.dir>/wandb/`` and uploaded later with ``wandb sync <study.dir>/wandb/offline-run-*``.
+to ``<study.dir>/wandb/offline-run-<date>_<time>-<id>/`` (the metrics, config and summary are in
+its ``run-<id>.wandb`` file) and uploaded later with ``wandb sync <study.dir>/wandb/offline-run-*``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ def make_wandb_logger(
         log.warning("wandb is not installed: logging to metrics.csv only")
         return None
     os.environ.setdefault("WANDB_SILENT", "true")
-    save_dir = os.path.join(study_dir, "wandb")
-    os.makedirs(save_dir, exist_ok=True)
+    # wandb writes into <dir>/wandb/: giving it the study folder puts each offline run at
+    # <study.dir>/wandb/offline-run-<time>-<id>/ (not <study.dir>/wandb/wandb/...).
+    save_dir = study_dir
+    os.makedirs(os.path.join(save_dir, "wandb"), exist_ok=True)
     settings = wandb.Settings(init_timeout=cfg.wandb_init_timeout, console="off", silent=True)
     common = dict(
         project=cfg.wandb_project,
@@ -102,7 +105,22 @@ def summarise(loggers: list[Any], record: dict[str, Any]) -> None:
             "z_over_x",
             "gradient_noise_scale",
         )
-        exp.summary.update({k: record[k] for k in keys if record.get(k) is not None})
+        summary = {k: record[k] for k in keys if record.get(k) is not None}
+        summary.update({k: v for k, v in lr_xyz(record).items() if v is not None})
+        exp.summary.update(summary)
+
+
+def lr_xyz(record: dict[str, Any]) -> dict[str, float | None]:
+    """The seed's x (unstable LR), y (small batch peak) and z (large batch peak) as far as this
+    run knows them, under one name in every run so a dashboard can plot them side by side."""
+    exp, deriv = record.get("experiment"), record.get("derivation") or {}
+    return {
+        "lr_x_unstable": record.get("unstable_lr"),
+        "lr_y_small": {"small_batch": record.get("lr"), "large_batch": deriv.get("small_lr")}.get(
+            str(exp)
+        ),
+        "lr_z_large": record.get("lr") if exp == "large_batch" else None,
+    }
 
 
 def finish_wandb(loggers: list[Any]) -> None:
@@ -113,7 +131,9 @@ def finish_wandb(loggers: list[Any]) -> None:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish(quiet=True)
+            # No ``quiet=``: wandb 0.31 has no such argument, and the TypeError it raised left the
+            # run unfinished and the next run in the same process attached to the dead one.
+            wandb.finish()
     except Exception as exc:
         log.warning("wandb.finish failed: %s", exc)
     teardown()
