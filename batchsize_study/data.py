@@ -470,6 +470,15 @@ class SeededWindowSampler(Sampler[int]):
             yield self.index(k)
 
 
+class _ResumedSampler(SeededWindowSampler):
+    """len() counts the whole run, skipped samples included: Lightning restores its batch counter
+    from the checkpoint and neither skips nor replays batches itself, so its counter then lines up
+    with the batches still to come (validation and the end fall at the same batches)."""
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class TokenDataModule(pl.LightningDataModule):
     """Windows of the prepared corpus: seeded training order, a fixed validation set."""
 
@@ -503,8 +512,14 @@ class TokenDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = TokenWindows(self.corpus.train_path, self.corpus.dtype, self.seq_len)
         rank, world = self._rank_world()
-        sampler = SeededWindowSampler(
-            len(ds), self.seed, self.samples_per_rank, rank, world, self.start_sample
+        start = self.start_sample
+        if not start and self.trainer is not None and self.trainer.global_step:
+            # Resumed (Lightning restores the loops before it asks for the loader): skip what the
+            # optimizer steps so far consumed on this rank.
+            start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+            start *= self.micro_batch_size
+        sampler = (_ResumedSampler if start else SeededWindowSampler)(
+            len(ds), self.seed, self.samples_per_rank, rank, world, start
         )
         return DataLoader(
             ds,
