@@ -64,7 +64,10 @@ def make_wandb_logger(
             cfg.wandb_init_timeout,
             type(exc).__name__,
         )
+        teardown()  # the failed online attempt leaves wandb's service in a state offline trips on
         try:
+            # A fresh Settings: wandb fills the one it was given with the online attempt's values.
+            common["settings"] = wandb.Settings(console="off", silent=True, mode="offline")
             lg = WandbLogger(offline=True, **common)
             run = lg.experiment
         except Exception as exc2:
@@ -113,7 +116,7 @@ def finish_wandb(loggers: list[Any]) -> None:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish(quiet=True)
+            wandb.finish()
     except Exception as exc:
         log.warning("wandb.finish failed: %s", exc)
     teardown()
