@@ -175,6 +175,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class Preempted(Exception):
+    """Raised by ResumeCallback after the SIGTERM checkpoint; the experiment records
+    ``interrupted``."""
+
+
 class ResumeCallback(pl.Callback):
     """RNG states in every checkpoint; SIGTERM -> checkpoint at the next step boundary, then stop.
 
@@ -232,12 +237,14 @@ class ResumeCallback(pl.Callback):
         if self.last_ckpt is not None:
             trainer.save_checkpoint(self.last_ckpt)
         self.interrupted_at = trainer.global_step
-        trainer.should_stop = True
         log.warning(
             "pre-empted at step %d (%s); run the same command to resume",
             trainer.global_step,
             f"checkpoint {self.last_ckpt}" if self.last_ckpt else "no checkpoint: starts over",
         )
+        # An exception, not should_stop: Lightning runs a validation before an early stop, which
+        # costs the grace period and adds a row the uninterrupted run does not have.
+        raise Preempted(trainer.global_step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._previous is not None:

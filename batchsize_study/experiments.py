@@ -26,6 +26,7 @@ from batchsize_study.batch import BatchPlan, plan_batch
 from batchsize_study.checkpointing import (
     AtomicCheckpointIO,
     InjectNaN,
+    Preempted,
     ResumeCallback,
     StepCheckpoint,
     find_resume_checkpoint,
@@ -355,15 +356,15 @@ def train(c: Config) -> dict[str, Any]:
     write_error: OSError | None = None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume[0] if resume else None)
-        if keep_model and trainer.global_step > 0 and resume_cb.interrupted_at is None:
+        if keep_model and trainer.global_step > 0:
             trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
         status, message = _status(c, trainer, detector)
-        if resume_cb.interrupted_at is not None and not detector.failure:
-            status = "interrupted"
-            message = (
-                f"pre-empted (SIGTERM) at step {resume_cb.interrupted_at} of {c.max_steps}; "
-                "run the same command to resume"
-            )
+    except Preempted:
+        status = "interrupted"
+        message = (
+            f"pre-empted (SIGTERM) at step {resume_cb.interrupted_at} of {c.max_steps}; "
+            "run the same command to resume"
+        )
     except KeyboardInterrupt:
         status, message = "interrupted", "interrupted by the user"
         raise
