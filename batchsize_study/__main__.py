@@ -87,6 +87,15 @@ def cli() -> None:
             raise
         print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # Hydra creates its run folder under study.dir before any task runs
+        if user_set or not exc.filename:
+            raise
+        print(
+            f"error: study.dir: cannot write {exc.filename} ({exc.strerror}); choose a writable "
+            "folder with study.dir=<path>",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 if __name__ == "__main__":

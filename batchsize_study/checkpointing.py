@@ -15,6 +15,7 @@ index), and the data module starts at ``global_step x accumulation x micro_batch
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import random
@@ -45,10 +46,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Serialise in memory first (as Lightning does): torch.save straight into a file turns a
+        # failed write (disk full) into an opaque RuntimeError instead of an OSError.
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
-                torch.save(checkpoint, fh)
+                fh.write(buf.getbuffer())
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)

@@ -217,6 +217,7 @@ def _build_loggers(c: Config, sdir: str, run_id: str, record_config: dict[str, A
 def train(c: Config) -> dict[str, Any]:
     t0 = time.time()
     sdir = study_dir(c)
+    check_writable(sdir)
     corpus = prepare_corpus(c.data, c.model.seq_len)
     key = compat_key(c, corpus)
     peak_lr, lr_source, extra = derive_lr(c, sdir, key)
@@ -234,7 +235,6 @@ def train(c: Config) -> dict[str, Any]:
         )
         return existing
 
-    check_writable(sdir)
     world = resolve_world_size(c.trainer)
     plan = plan_batch(c.batch_size, c.micro_batch_size, world, c.model.seq_len, c.max_steps)
     optim = c.optim

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_utils import REPO, cli, cli_cmd, run_dirs, train_losses, val_steps
 
 from batchsize_study.checkpointing import ResumeCallback, _rng_state, _set_rng_state
 from batchsize_study.config import validate
 from batchsize_study.experiments import config_hash, run
 from batchsize_study.study import make_run_id
-from cli_utils import REPO, cli, cli_cmd, run_dirs, train_losses, val_steps
 
 # A short small_batch run with a checkpoint every 5 steps and validation every 10.
 RUN = (
