@@ -337,7 +337,7 @@ def train(c: Config) -> dict[str, Any]:
         trainer_kwargs["plugins"] = [AtomicCheckpointIO()]
     trainer_kwargs.update(c.trainer)
     trainer = pl.Trainer(**trainer_kwargs)
-    _refuse_relaunch_in_sweep(trainer, c)
+    _check_launcher(trainer, c)
     if trainer.world_size != world:
         raise ConfigError(
             "trainer.devices",
@@ -412,7 +412,8 @@ def train(c: Config) -> dict[str, Any]:
             f"({write_error.strerror or write_error}); free space or choose a writable study.dir "
             "(records already there are untouched; the same command resumes from the last checkpoint)"
         )
-    _announce(record)
+    if trainer.is_global_zero:
+        _announce(record)
     if status == "interrupted":
         raise SystemExit(143)  # 128 + SIGTERM: a launcher or scheduler sees a pre-empted job
     return record
@@ -433,12 +434,28 @@ def check_writable(sdir: str) -> None:
         ) from None
 
 
-def _refuse_relaunch_in_sweep(trainer: pl.Trainer, c: Config) -> None:
-    """Lightning's ``ddp`` re-launches the command line for ranks > 0; inside a Hydra multirun that
-    would re-run the whole sweep. SLURM (processes created by srun) and ``ddp_spawn`` are fine."""
-    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+def _check_launcher(trainer: pl.Trainer, c: Config) -> None:
+    """Multi-process runs that cannot give a correct record are refused before any work.
 
-    if not isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
+    Lightning's ``ddp`` re-launches the command line for ranks > 0: inside a Hydra multirun that
+    would re-run the whole sweep. ``ddp_spawn`` trains in spawned processes and hands back only
+    the weights, so the record (steps, losses, status) would be wrong. SLURM (srun starts the
+    ranks, SLURMEnvironment) and a single ``ddp`` command are fine.
+    """
+    from lightning.pytorch.strategies.launchers import (
+        _MultiProcessingLauncher,
+        _SubprocessScriptLauncher,
+    )
+
+    launcher = trainer.strategy.launcher
+    if isinstance(launcher, _MultiProcessingLauncher):
+        raise ConfigError(
+            "trainer.strategy",
+            c.trainer.get("strategy"),
+            "spawned processes keep the run's state, so its record would be wrong; use "
+            "trainer.strategy=ddp (one command per run) or a cluster launcher (hydra/launcher=slurm)",
+        )
+    if not isinstance(launcher, _SubprocessScriptLauncher):
         return
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -452,8 +469,8 @@ def _refuse_relaunch_in_sweep(trainer: pl.Trainer, c: Config) -> None:
             "trainer.strategy",
             c.trainer.get("strategy"),
             "ddp re-launches the command, which inside a multirun (-m) would re-run the sweep; run "
-            "each DDP experiment as its own command, or use trainer.strategy=ddp_spawn, or a cluster "
-            "launcher (hydra/launcher=slurm) where srun starts the ranks",
+            "each DDP experiment as its own command, or use a cluster launcher "
+            "(hydra/launcher=slurm) where srun starts the ranks",
         )
 
 
