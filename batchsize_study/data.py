@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sysconfig
 import time
@@ -33,7 +34,9 @@ from batchsize_study.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: runs of non-whitespace longer than MAX_RUN are cut (see split_long_runs)
+MAX_RUN = 512
+_LONG_RUN = re.compile(rf"\S{{{MAX_RUN + 1},}}")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
 
@@ -214,6 +217,25 @@ def split_documents(
 # ---------------------------------------------------------------- tokenizer
 
 
+def split_long_runs(text: str) -> list[str]:
+    """Cut runs of more than MAX_RUN non-whitespace characters into MAX_RUN-sized pieces.
+
+    Byte-level BPE pre-tokenizes on whitespace and character classes, so a 5 MB line without
+    whitespace (minified JS, base64) is one "word", and BPE training and encoding on it take
+    minutes and gigabytes. Pieces are tokenized separately and their ids concatenated: the text
+    is unchanged, only no token spans a cut.
+    """
+    if len(text) <= MAX_RUN or not _LONG_RUN.search(text):
+        return [text]
+    out, pos = [], 0
+    for m in _LONG_RUN.finditer(text):
+        for cut in range(m.start() + MAX_RUN, m.end(), MAX_RUN):
+            out.append(text[pos:cut])
+            pos = cut
+    out.append(text[pos:])
+    return out
+
+
 def train_bpe(texts: list[str], vocab_size: int):  # noqa: ANN201 - tokenizers.Tokenizer
     """Byte-level BPE (GPT-2 style) trained on the training split only: no unknown tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -227,7 +249,8 @@ def train_bpe(texts: list[str], vocab_size: int):  # noqa: ANN201 - tokenizers.T
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    pieces = [p for t in texts for p in split_long_runs(t)]
+    tok.train_from_iterator(pieces, trainer=trainer, length=len(pieces))
     return tok
 
 
@@ -280,11 +303,12 @@ def _encode_to_file(
     n = 0
     with open(path, "wb") as fh:
         for i in range(0, len(docs), 256):
-            chunk = docs[i : i + 256]
-            encs = tok.encode_batch([d.text for d in chunk], add_special_tokens=False)
+            chunk = [split_long_runs(d.text) for d in docs[i : i + 256]]
+            encs = iter(tok.encode_batch([p for ps in chunk for p in ps], add_special_tokens=False))
             parts = []
-            for enc in encs:
-                parts.append(np.asarray(enc.ids, dtype=dtype))
+            for ps in chunk:
+                for _ in ps:
+                    parts.append(np.asarray(next(encs).ids, dtype=dtype))
                 if eos_id is not None:
                     parts.append(np.asarray([eos_id], dtype=dtype))
             if parts:
@@ -470,6 +494,15 @@ class SeededWindowSampler(Sampler[int]):
             yield self.index(k)
 
 
+class _ResumedSampler(SeededWindowSampler):
+    """len() counts the whole run, skipped samples included: Lightning restores its batch counter
+    from the checkpoint and neither skips nor replays batches itself, so its counter then lines up
+    with the batches still to come (validation and the end fall at the same batches)."""
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class TokenDataModule(pl.LightningDataModule):
     """Windows of the prepared corpus: seeded training order, a fixed validation set."""
 
@@ -503,8 +536,14 @@ class TokenDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = TokenWindows(self.corpus.train_path, self.corpus.dtype, self.seq_len)
         rank, world = self._rank_world()
-        sampler = SeededWindowSampler(
-            len(ds), self.seed, self.samples_per_rank, rank, world, self.start_sample
+        start = self.start_sample
+        if not start and self.trainer is not None and self.trainer.global_step:
+            # Resumed (Lightning restores the loops before it asks for the loader): skip what the
+            # optimizer steps so far consumed on this rank.
+            start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+            start *= self.micro_batch_size
+        sampler = (_ResumedSampler if start else SeededWindowSampler)(
+            len(ds), self.seed, self.samples_per_rank, rank, world, start
         )
         return DataLoader(
             ds,

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,9 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from batchsize_study import __version__
 from batchsize_study.batch import BatchPlan, plan_batch
+from batchsize_study.checkpointing import (
+    AtomicCheckpointIO,
+    InjectNaN,
+    Preempted,
+    ResumeCallback,
+    StepCheckpoint,
+    find_resume_checkpoint,
+)
 from batchsize_study.config import Config, validate
 from batchsize_study.data import PreparedCorpus, TokenDataModule, prepare_corpus
-from batchsize_study.errors import ConfigError
+from batchsize_study.errors import ConfigError, UserError
 from batchsize_study.model import CausalLMModule
 from batchsize_study.recorder import StepRecorder
 from batchsize_study.spike import DestabilisationCallback, InstabilityDetector
@@ -206,6 +217,7 @@ def _build_loggers(c: Config, sdir: str, run_id: str, record_config: dict[str, A
 def train(c: Config) -> dict[str, Any]:
     t0 = time.time()
     sdir = study_dir(c)
+    check_writable(sdir)
     corpus = prepare_corpus(c.data, c.model.seq_len)
     key = compat_key(c, corpus)
     peak_lr, lr_source, extra = derive_lr(c, sdir, key)
@@ -269,20 +281,36 @@ def train(c: Config) -> dict[str, Any]:
     callbacks: list[pl.Callback] = [recorder, detector]
     keep_model = c.task in ("small_batch", "large_batch")
     ckpt_dir = run_dir / "checkpoints"
+    resume = None
     if keep_model:
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
+        if c.force:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # force: start over, not resume
+        resume = find_resume_checkpoint(ckpt_dir)
+        if resume is not None:
+            # The sampler skips the consumed samples itself (data.py): Lightning's warning that
+            # the loader is "not resumable" does not apply.
+            warnings.filterwarnings(
+                "ignore", message="You're resuming from a checkpoint that ended"
+            )
+            log.info("resuming run %s from %s (step %d)", run_id, resume[0], resume[1])
         callbacks.append(
-            ModelCheckpoint(
+            StepCheckpoint(
+                c.val_every_steps,
                 dirpath=str(ckpt_dir),
                 filename="step{step:06d}",
                 auto_insert_metric_name=False,
                 every_n_train_steps=c.checkpoint_every_steps,
-                save_top_k=1,
-                monitor=None,
+                save_top_k=2,  # the newest two: a fall-back if the newest is damaged later
+                monitor="step",
+                mode="max",
                 save_last=True,
             )
         )
+    resume_cb = ResumeCallback(ckpt_dir / "last.ckpt" if keep_model else None, c.val_every_steps)
+    callbacks.append(resume_cb)
+    inject = InjectNaN.from_env()
+    if inject is not None:
+        callbacks.append(inject)
     record_config = {
         **OmegaConf.to_container(OmegaConf.structured(c), resolve=True),  # type: ignore[dict-item]
         "derived": {**plan.as_dict(), "peak_lr": peak_lr, "lr_source": lr_source, **extra},
@@ -305,8 +333,11 @@ def train(c: Config) -> dict[str, Any]:
         "callbacks": callbacks,
         "enable_model_summary": False,
     }
+    if keep_model:
+        trainer_kwargs["plugins"] = [AtomicCheckpointIO()]
     trainer_kwargs.update(c.trainer)
     trainer = pl.Trainer(**trainer_kwargs)
+    _check_launcher(trainer, c)
     if trainer.world_size != world:
         raise ConfigError(
             "trainer.devices",
@@ -322,14 +353,27 @@ def train(c: Config) -> dict[str, Any]:
         samples_per_rank=c.max_steps * plan.accumulate_grad_batches * c.micro_batch_size,
     )
     status, message = "failed", ""
+    write_error: OSError | None = None
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume[0] if resume else None)
         if keep_model and trainer.global_step > 0:
             trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
         status, message = _status(c, trainer, detector)
+    except Preempted:
+        status = "interrupted"
+        message = (
+            f"pre-empted (SIGTERM) at step {resume_cb.interrupted_at} of {c.max_steps}; "
+            "run the same command to resume"
+        )
     except KeyboardInterrupt:
         status, message = "interrupted", "interrupted by the user"
         raise
+    except OSError as exc:  # disk full, folder removed or read-only under a running job
+        write_error = exc
+        status, message = (
+            "failed",
+            f"could not write {exc.filename or 'output'}: {exc.strerror or exc}",
+        )
     finally:
         record = _record(
             c,
@@ -353,13 +397,81 @@ def train(c: Config) -> dict[str, Any]:
             t0,
         )
         if trainer.is_global_zero:
-            write_json_atomic(record_path, record)
+            try:
+                write_json_atomic(record_path, record)
+            except OSError as exc:
+                write_error = write_error or exc
+                log.error("could not write the record %s: %s", record_path, exc)
             _summarise_wandb(loggers, record)
         from batchsize_study.wandb_utils import finish_wandb
 
         finish_wandb(loggers)
-    _announce(record)
+    if write_error is not None:
+        raise UserError(
+            f"study.dir={sdir}: writing {write_error.filename or 'output'} failed "
+            f"({write_error.strerror or write_error}); free space or choose a writable study.dir "
+            "(records already there are untouched; the same command resumes from the last checkpoint)"
+        )
+    if trainer.is_global_zero:
+        _announce(record)
+    if status == "interrupted":
+        raise SystemExit(143)  # 128 + SIGTERM: a launcher or scheduler sees a pre-empted job
     return record
+
+
+def check_writable(sdir: str) -> None:
+    """Fail before any work when the study folder cannot take a file (read-only, not a folder)."""
+    runs = runs_dir(sdir)
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=runs)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(
+            f"study.dir={sdir}: cannot write there ({exc.strerror or exc}); choose a writable folder "
+            "with study.dir=<path>"
+        ) from None
+
+
+def _check_launcher(trainer: pl.Trainer, c: Config) -> None:
+    """Multi-process runs that cannot give a correct record are refused before any work.
+
+    Lightning's ``ddp`` re-launches the command line for ranks > 0: inside a Hydra multirun that
+    would re-run the whole sweep. ``ddp_spawn`` trains in spawned processes and hands back only
+    the weights, so the record (steps, losses, status) would be wrong. SLURM (srun starts the
+    ranks, SLURMEnvironment) and a single ``ddp`` command are fine.
+    """
+    from lightning.pytorch.strategies.launchers import (
+        _MultiProcessingLauncher,
+        _SubprocessScriptLauncher,
+    )
+
+    launcher = trainer.strategy.launcher
+    if isinstance(launcher, _MultiProcessingLauncher):
+        raise ConfigError(
+            "trainer.strategy",
+            c.trainer.get("strategy"),
+            "spawned processes keep the run's state, so its record would be wrong; use "
+            "trainer.strategy=ddp (one command per run) or a cluster launcher (hydra/launcher=slurm)",
+        )
+    if not isinstance(launcher, _SubprocessScriptLauncher):
+        return
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        multirun = False
+    if multirun:
+        raise ConfigError(
+            "trainer.strategy",
+            c.trainer.get("strategy"),
+            "ddp re-launches the command, which inside a multirun (-m) would re-run the sweep; run "
+            "each DDP experiment as its own command, or use a cluster launcher "
+            "(hydra/launcher=slurm) where srun starts the ranks",
+        )
 
 
 def _existing_record(path: Path) -> dict[str, Any] | None:

@@ -67,7 +67,10 @@ def make_wandb_logger(
             cfg.wandb_init_timeout,
             type(exc).__name__,
         )
+        teardown()  # the failed online attempt leaves wandb's service in a state offline trips on
         try:
+            # A fresh Settings: wandb fills the one it was given with the online attempt's values.
+            common["settings"] = wandb.Settings(console="off", silent=True, mode="offline")
             lg = WandbLogger(offline=True, **common)
             run = lg.experiment
         except Exception as exc2:

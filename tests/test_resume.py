@@ -1,0 +1,155 @@
+"""Resume: the same command after a crash continues the run exactly; a finished run is reported,
+not redone; runs of one study never share checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cli_utils import REPO, cli, cli_cmd, run_dirs, train_losses, val_steps
+
+from batchsize_study.checkpointing import ResumeCallback, _rng_state, _set_rng_state
+from batchsize_study.config import validate
+from batchsize_study.experiments import config_hash, run
+from batchsize_study.study import make_run_id
+
+# A short small_batch run with a checkpoint every 5 steps and validation every 10.
+RUN = (
+    "experiment=small_batch",
+    "lr=0.003",
+    "max_steps=30",
+    "warmup_steps=5",
+    "val_every_steps=10",
+    "checkpoint_every_steps=5",
+    "precision=32-true",
+)
+
+
+def _wait_for(pred, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert proc.poll() is None, "the run ended before the condition was met"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _checkpoints(study: Path) -> list[Path]:
+    return list(study.glob("runs/*/checkpoints/step*.ckpt"))
+
+
+def test_sigkill_then_same_command_resumes_with_identical_losses(cfg_factory, tmp_path):
+    ref = run(cfg_factory(*RUN, study_dir=tmp_path / "ref"))
+    assert ref["status"] == "completed"
+    study = tmp_path / "killed"
+    proc = subprocess.Popen(
+        cli_cmd(study, *RUN), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_for(lambda: _checkpoints(study), proc)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, as after a power loss
+        proc.wait()
+    (rd,) = run_dirs(study)
+    assert not (rd / "result.json").exists(), "the run finished before it was killed"
+
+    done = cli(study, *RUN)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming run" in done.stdout + done.stderr
+    rec = json.loads((rd / "result.json").read_text())
+    assert rec["status"] == "completed" and rec["steps_done"] == 30
+
+    mine, theirs = train_losses(rd / "metrics.csv"), train_losses(ref["metrics_csv"])
+    assert sorted(mine) == list(range(1, 31))
+    for step in theirs:
+        assert mine[step] == pytest.approx(theirs[step], abs=1e-5), step
+    assert val_steps(rd / "metrics.csv") == val_steps(ref["metrics_csv"]) == [10, 20, 30]
+    assert rec["final_val_loss"] == pytest.approx(ref["final_val_loss"], abs=1e-5)
+
+
+def test_finished_run_is_reported_not_redone(cfg_factory, tmp_path):
+    overrides = (*RUN, "max_steps=10", "val_every_steps=5")
+    first = run(cfg_factory(*overrides))
+    csv_path = Path(first["metrics_csv"])
+    before = (csv_path.stat().st_mtime_ns, (csv_path.parent / "result.json").read_bytes())
+    again = run(cfg_factory(*overrides))
+    assert again["finished_at"] == first["finished_at"]
+    assert (csv_path.stat().st_mtime_ns, (csv_path.parent / "result.json").read_bytes()) == before
+    forced = run(cfg_factory(*overrides, "force=true"))
+    assert forced["finished_at"] > first["finished_at"] and forced["status"] == "completed"
+    assert sorted(train_losses(csv_path)) == list(range(1, 11))  # rewritten, not appended
+
+
+def test_runs_of_one_study_never_share_a_run_folder(cfg_factory):
+    def run_id(*overrides: str, lr: float = 1e-3) -> str:
+        c = validate(cfg_factory("experiment=small_batch", "lr=0.001", *overrides))
+        return make_run_id(c.task, c.batch_size, c.seed, config_hash(c, lr))
+
+    base = run_id()
+    differ = [
+        run_id("seed=1"),
+        run_id("batch_size=32"),
+        run_id(lr=2e-3),
+        run_id("max_steps=41"),
+        run_id("model.hidden_size=64"),
+        run_id("data.max_documents=120"),
+        run_id("optim.weight_decay=0.0"),
+        run_id("trainer.devices=2", "trainer.accelerator=cpu"),
+    ]
+    assert base not in differ and len(set(differ)) == len(differ)
+    # What does not change the computation maps to the same folder (so it resumes).
+    assert run_id("checkpoint_every_steps=7", "logger=default", "force=true") == base
+
+
+def test_checkpoint_rng_state_roundtrips_with_weights_only(tmp_path):
+    cb = ResumeCallback(None, 10)
+    path = tmp_path / "rng.pt"
+    torch.save(cb.state_dict(), path)
+    expected = (torch.rand(3), __import__("random").random())
+    cb.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert __import__("random").random() == expected[1]
+    _set_rng_state(_rng_state())  # and the current state round-trips too
+
+
+def test_sigterm_checkpoints_marks_interrupted_and_resumes(cfg_factory, tmp_path):
+    ref = run(cfg_factory(*RUN, "max_steps=20", study_dir=tmp_path / "ref"))
+    study = tmp_path / "preempted"
+    proc = subprocess.Popen(
+        cli_cmd(study, *RUN, "max_steps=20"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: _checkpoints(study), proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, out[-2000:]
+    (rd,) = run_dirs(study)
+    rec = json.loads((rd / "result.json").read_text())
+    assert rec["status"] == "interrupted", rec["message"]
+    assert 5 <= rec["steps_done"] < 20 and "resume" in rec["message"]
+    ckpt = torch.load(rd / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == rec["steps_done"]
+
+    done = cli(study, *RUN, "max_steps=20")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rec = json.loads((rd / "result.json").read_text())
+    assert rec["status"] == "completed" and rec["steps_done"] == 20
+    mine, theirs = train_losses(rd / "metrics.csv"), train_losses(ref["metrics_csv"])
+    assert sorted(mine) == list(range(1, 21))
+    for step in theirs:
+        assert mine[step] == pytest.approx(theirs[step], abs=1e-5), step
+    assert val_steps(rd / "metrics.csv") == [10, 20]
+    assert not os.environ.get("BATCHSIZE_STUDY_INJECT_NAN")
