@@ -420,8 +420,13 @@ def train(c: Config) -> dict[str, Any]:
 
 
 def check_writable(sdir: str) -> None:
-    """Fail before any work when the study folder cannot take a file (read-only, not a folder)."""
+    """Fail before any work when the study folder cannot take a file (read-only, not a folder).
+
+    Folders created only for the probe are removed again, so a run refused later (a missing
+    upstream record, a bad split) leaves nothing behind.
+    """
     runs = runs_dir(sdir)
+    created = [p for p in (runs, *runs.parents) if not p.exists()]
     try:
         runs.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=runs)
@@ -432,6 +437,12 @@ def check_writable(sdir: str) -> None:
             f"study.dir={sdir}: cannot write there ({exc.strerror or exc}); choose a writable folder "
             "with study.dir=<path>"
         ) from None
+    finally:
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _check_launcher(trainer: pl.Trainer, c: Config) -> None:
