@@ -7,6 +7,7 @@ module, the callbacks, the loggers and the trainer, fit, write the record.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -336,14 +337,20 @@ def train(c: Config) -> dict[str, Any]:
     if keep_model:
         trainer_kwargs["plugins"] = [AtomicCheckpointIO()]
     trainer_kwargs.update(c.trainer)
-    trainer = pl.Trainer(**trainer_kwargs)
-    _check_launcher(trainer, c)
-    if trainer.world_size != world:
-        raise ConfigError(
-            "trainer.devices",
-            c.trainer.get("devices"),
-            f"Lightning resolved {trainer.world_size} processes, not {world}; set trainer.devices explicitly",
-        )
+    try:
+        trainer = pl.Trainer(**trainer_kwargs)
+        _check_launcher(trainer, c)
+        if trainer.world_size != world:
+            raise ConfigError(
+                "trainer.devices",
+                c.trainer.get("devices"),
+                f"Lightning resolved {trainer.world_size} processes, not {world}; set trainer.devices explicitly",
+            )
+    except BaseException:
+        from batchsize_study.wandb_utils import finish_wandb
+
+        finish_wandb(loggers)  # refused before training: leave no wandb run or process behind
+        raise
     datamodule = TokenDataModule(
         c.data,
         corpus,
@@ -369,6 +376,8 @@ def train(c: Config) -> dict[str, Any]:
         status, message = "interrupted", "interrupted by the user"
         raise
     except OSError as exc:  # disk full, folder removed or read-only under a running job
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
         write_error = exc
         status, message = (
             "failed",
@@ -417,6 +426,18 @@ def train(c: Config) -> dict[str, Any]:
     if status == "interrupted":
         raise SystemExit(143)  # 128 + SIGTERM: a launcher or scheduler sees a pre-empted job
     return record
+
+
+_WRITE_ERRNOS = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.ENOTDIR,
+)
 
 
 def check_writable(sdir: str) -> None:
