@@ -587,6 +587,7 @@ def _record(
         "final_train_loss": recorder.final_train_loss,
         "final_val_loss": val.get("val/loss"),
         "final_val_ppl": val.get("val/ppl"),
+        **_finals_from_csv(run_dir / "metrics.csv", recorder, val),
         "checkpoint": str(ckpt_dir / "last.ckpt")
         if ckpt_dir is not None and (ckpt_dir / "last.ckpt").exists()
         else None,
@@ -631,6 +632,30 @@ def _record(
     if status == "failed" and recorder.nonfinite_step is not None:
         rec["failed_step"] = recorder.nonfinite_step
     return rec
+
+
+def _finals_from_csv(path: Path, recorder: StepRecorder, val: dict[str, float]) -> dict[str, float]:
+    """Final losses from metrics.csv when this process trained no step (a resume from a checkpoint
+    written at max_steps, after a crash before the record): the CSV already holds them."""
+    if recorder.final_train_loss is not None or not path.exists():
+        return {}
+    import csv
+    import math
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    train = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    train = [x for x in train if math.isfinite(x)][-10:]
+    vals = [r for r in rows if r.get("val_loss")]
+    out: dict[str, float] = {}
+    if train:
+        out["final_train_loss"] = sum(train) / len(train)  # as StepRecorder.final_train_loss
+    if vals and not val:
+        out["final_val_loss"], out["final_val_ppl"] = (
+            float(vals[-1]["val_loss"]),
+            float(vals[-1]["val_ppl"]),
+        )
+    return out
 
 
 def _summarise_wandb(loggers: list[Any], record: dict[str, Any]) -> None:

@@ -91,6 +91,13 @@ def test_finished_run_is_reported_not_redone(cfg_factory, tmp_path):
     forced = run(cfg_factory(*overrides, "force=true"))
     assert forced["finished_at"] > first["finished_at"] and forced["status"] == "completed"
     assert sorted(train_losses(csv_path)) == list(range(1, 5))  # rewritten, not appended
+    # Killed after the last checkpoint but before the record: the same command trains nothing
+    # and still records the final losses (from metrics.csv).
+    (csv_path.parent / "result.json").unlink()
+    late = run(cfg_factory(*overrides))
+    assert late["status"] == "completed" and late["steps_done"] == 4
+    for key in ("final_train_loss", "final_val_loss", "final_val_ppl"):
+        assert late[key] == pytest.approx(forced[key], rel=1e-6), key
 
 
 def test_runs_of_one_study_never_share_a_run_folder(cfg_factory):
