@@ -121,7 +121,9 @@ def _candidates(ckpt_dir: Path) -> list[Path]:
 
 def checkpoint_step(path: str | os.PathLike) -> int:
     """The global step stored in a checkpoint; raises when the file does not load."""
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=False)
+    # mmap: the zip index and the pickle are read (a truncated file fails here), the tensors are
+    # not, so checking a multi-GB checkpoint is cheap; Lightning loads the chosen one fully.
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise ValueError("not a Lightning checkpoint (no state_dict/global_step)")
     return int(ckpt["global_step"])

@@ -7,6 +7,7 @@ module, the callbacks, the loggers and the trainer, fit, write the record.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -336,14 +337,20 @@ def train(c: Config) -> dict[str, Any]:
     if keep_model:
         trainer_kwargs["plugins"] = [AtomicCheckpointIO()]
     trainer_kwargs.update(c.trainer)
-    trainer = pl.Trainer(**trainer_kwargs)
-    _check_launcher(trainer, c)
-    if trainer.world_size != world:
-        raise ConfigError(
-            "trainer.devices",
-            c.trainer.get("devices"),
-            f"Lightning resolved {trainer.world_size} processes, not {world}; set trainer.devices explicitly",
-        )
+    try:
+        trainer = pl.Trainer(**trainer_kwargs)
+        _check_launcher(trainer, c)
+        if trainer.world_size != world:
+            raise ConfigError(
+                "trainer.devices",
+                c.trainer.get("devices"),
+                f"Lightning resolved {trainer.world_size} processes, not {world}; set trainer.devices explicitly",
+            )
+    except BaseException:
+        from batchsize_study.wandb_utils import finish_wandb
+
+        finish_wandb(loggers)  # refused before training: leave no wandb run or process behind
+        raise
     datamodule = TokenDataModule(
         c.data,
         corpus,
@@ -369,6 +376,8 @@ def train(c: Config) -> dict[str, Any]:
         status, message = "interrupted", "interrupted by the user"
         raise
     except OSError as exc:  # disk full, folder removed or read-only under a running job
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
         write_error = exc
         status, message = (
             "failed",
@@ -417,6 +426,18 @@ def train(c: Config) -> dict[str, Any]:
     if status == "interrupted":
         raise SystemExit(143)  # 128 + SIGTERM: a launcher or scheduler sees a pre-empted job
     return record
+
+
+_WRITE_ERRNOS = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.ENOTDIR,
+)
 
 
 def check_writable(sdir: str) -> None:
@@ -577,6 +598,7 @@ def _record(
         "final_train_loss": recorder.final_train_loss,
         "final_val_loss": val.get("val/loss"),
         "final_val_ppl": val.get("val/ppl"),
+        **_finals_from_csv(run_dir / "metrics.csv", recorder, val),
         "checkpoint": str(ckpt_dir / "last.ckpt")
         if ckpt_dir is not None and (ckpt_dir / "last.ckpt").exists()
         else None,
@@ -621,6 +643,30 @@ def _record(
     if status == "failed" and recorder.nonfinite_step is not None:
         rec["failed_step"] = recorder.nonfinite_step
     return rec
+
+
+def _finals_from_csv(path: Path, recorder: StepRecorder, val: dict[str, float]) -> dict[str, float]:
+    """Final losses from metrics.csv when this process trained no step (a resume from a checkpoint
+    written at max_steps, after a crash before the record): the CSV already holds them."""
+    if recorder.final_train_loss is not None or not path.exists():
+        return {}
+    import csv
+    import math
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    train = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    train = [x for x in train if math.isfinite(x)][-10:]
+    vals = [r for r in rows if r.get("val_loss")]
+    out: dict[str, float] = {}
+    if train:
+        out["final_train_loss"] = sum(train) / len(train)  # as StepRecorder.final_train_loss
+    if vals and not val:
+        out["final_val_loss"], out["final_val_ppl"] = (
+            float(vals[-1]["val_loss"]),
+            float(vals[-1]["val_ppl"]),
+        )
+    return out
 
 
 def _summarise_wandb(loggers: list[Any], record: dict[str, Any]) -> None:

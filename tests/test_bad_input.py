@@ -66,10 +66,8 @@ def test_cli_empty_corpus(tmp_path):
     ("override", "names"),
     [
         ("lr=0", "lr=0.0: use a positive learning rate"),
-        ("micro_batch_size=32", "micro_batch_size=32: must not exceed batch_size=16"),
         ("model=nope", "model=nope: no such option; use one of"),
         ("batch_size=abc", "batch_size:"),
-        ("data=hub", "data.name=None"),
     ],
 )
 def test_cli_bad_settings(tmp_path, override, names):
@@ -125,8 +123,16 @@ def test_validation_split_without_a_window(cfg_factory, tmp_path):
     )
 
 
-def test_negative_lr_and_missing_path(cfg_factory, tmp_path):
+def test_bad_settings_in_process(cfg_factory, tmp_path):
     _refused(cfg_factory, tmp_path, *SMALL, "lr=-0.1", match=r"^lr=-0.1: use a positive")
+    _refused(
+        cfg_factory,
+        tmp_path,
+        *SMALL,
+        "micro_batch_size=32",
+        match=r"^micro_batch_size=32: must not exceed batch_size=16",
+    )
+    _refused(cfg_factory, tmp_path, *SMALL, "data=hub", match=r"^data.name=None: give data.name")
     _refused(cfg_factory, tmp_path, *SMALL, "data=text", match=r"^data.path=None: give data.path")
     _refused(
         cfg_factory,
@@ -212,6 +218,7 @@ def test_twenty_concurrent_writers_leave_no_torn_or_lost_record(tmp_path):
     assert not list(study.glob("runs/*/.*.tmp"))
 
 
+@pytest.mark.slow
 def test_joblib_launcher_two_jobs_write_two_records(tmp_path):
     study = tmp_path / "study"
     res = cli(

@@ -47,6 +47,7 @@ def test_ddp_two_cpu_processes_match_one_process(cfg_factory, tmp_path):
     assert (res.stdout + res.stderr).count("small_batch: status completed") == 1  # rank 0 only
 
 
+@pytest.mark.slow
 def test_ddp_nan_on_one_rank_stops_both(tmp_path):
     study = tmp_path / "ddp_nan"
     res = cli(
@@ -73,6 +74,7 @@ def test_ddp_inside_a_multirun_is_refused(tmp_path):
     assert not run_dirs(study)
 
 
+@pytest.mark.slow
 def test_ddp_spawn_is_refused(tmp_path):
     study = tmp_path / "spawn"
     res = cli(study, *DDP, "trainer=ddp_cpu", "trainer.strategy=ddp_spawn", timeout=180)

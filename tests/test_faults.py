@@ -205,6 +205,7 @@ def _limit_file_size(max_bytes: int):
     return apply
 
 
+@pytest.mark.slow
 def test_full_disk_mid_run_is_a_clear_error_and_keeps_earlier_records(cfg_factory, tmp_path):
     study = tmp_path / "study"
     earlier = run(cfg_factory(*SMALL, "max_steps=5", "checkpoint_every_steps=5"))
