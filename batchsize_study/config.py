@@ -125,7 +125,8 @@ class DataConfig:
     """Fraction of documents held out for validation (by a hash of the document's name)."""
     val_max_windows: int = 64
     """Validation windows evaluated at each validation (the first N: a fixed set)."""
-    cache_dir: str = "${oc.env:BATCHSIZE_STUDY_CACHE,'~/.cache/batchsize_study'}"
+    cache_dir: str | None = None
+    """Token caches; null means $BATCHSIZE_STUDY_CACHE, else ~/.cache/batchsize_study."""
     num_workers: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 

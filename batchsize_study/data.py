@@ -320,6 +320,11 @@ def _encode_to_file(
     return n
 
 
+def cache_dir(cfg: DataConfig) -> str:
+    """data.cache_dir, else $BATCHSIZE_STUDY_CACHE, else ~/.cache/batchsize_study."""
+    return cfg.cache_dir or os.environ.get("BATCHSIZE_STUDY_CACHE") or "~/.cache/batchsize_study"
+
+
 def prepare_corpus(cfg: DataConfig, seq_len: int) -> PreparedCorpus:
     """Tokenize the corpus once per fingerprint (under a lock) and return the cache's description.
 
@@ -330,7 +335,7 @@ def prepare_corpus(cfg: DataConfig, seq_len: int) -> PreparedCorpus:
     fp = hashlib.sha256(
         (src_fp + json.dumps(_settings_key(cfg), sort_keys=True)).encode()
     ).hexdigest()
-    cache_root = Path(os.path.expanduser(cfg.cache_dir))
+    cache_root = Path(os.path.expanduser(cache_dir(cfg)))
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
