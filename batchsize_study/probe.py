@@ -1,0 +1,355 @@
+"""Is x real? ``experiment=stability_probe``: short constant-LR runs at multiples of the detected x.
+
+The superconvergence run reads x off a *ramp*: the LR at the onset of a loss rise during a long
+warmup. The probe asks the direct question instead: train at the small batch, same seed, at a
+constant peak LR of ``m * x`` (after a brief warmup) for several multiples m, and see at which LR
+training stops improving. Lightning's LR finder (``Tuner.lr_find``) runs on the same model and data
+so its suggestion can be read beside x.
+
+Definitions (what the summary record and :func:`analyse` compute):
+
+* final loss L(m): the mean training loss over the last ``final_window`` steps of the run at
+  ``m * x``; +inf if any step's loss was non-finite.
+* m *stops improving* when L(m) >= L(m_prev), m_prev the next-lower multiple (a higher LR no longer
+  buys a lower loss in the same number of steps), or when the run itself destabilised by the
+  study's own criterion (the detector of ``detector.*`` — smoothed loss ``threshold`` above its
+  best for ``patience`` steps — or a non-finite loss).
+* the empirical boundary lies between the last multiple before the first that stops improving
+  (``last_good``) and that first one (``first_bad``); its point estimate is their geometric mean.
+  x *agrees* when it lies within a factor of 2 of that estimate.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from batchsize_study.config import Config
+from batchsize_study.errors import ConfigError
+
+log = logging.getLogger("batchsize_study")
+
+SUMMARY = "stability_probe_summary"
+
+
+@dataclass
+class ProbeSettings:
+    """The ``probe.*`` keys (``conf/experiment/stability_probe.yaml``)."""
+
+    multiples: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+    steps: int = 100
+    warmup: int = 10
+    final_window: int = 10
+    lr_find: bool = True
+    lr_find_min_lr: float = 1e-5
+    lr_find_max_lr: float = 1.0
+    lr_find_num_training: int = 100
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbeSettings:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"probe.{unknown[0]}", d[unknown[0]], f"use one of {sorted(known)}")
+        s = cls(**d)
+        s.multiples = [float(m) for m in s.multiples]
+        if len(s.multiples) < 2 or any(m <= 0 for m in s.multiples):
+            raise ConfigError(
+                "probe.multiples", s.multiples, "use at least two positive multiples of x"
+            )
+        if s.steps < 2:
+            raise ConfigError("probe.steps", s.steps, "use at least 2 optimizer steps")
+        if not 0 <= s.warmup < s.steps:
+            raise ConfigError("probe.warmup", s.warmup, f"use 0..probe.steps-1 ({s.steps - 1})")
+        if not 1 <= s.final_window <= s.steps:
+            raise ConfigError(
+                "probe.final_window", s.final_window, f"use 1..probe.steps ({s.steps})"
+            )
+        if not 0 < s.lr_find_min_lr < s.lr_find_max_lr:
+            raise ConfigError(
+                "probe.lr_find_min_lr", s.lr_find_min_lr, "use 0 < lr_find_min_lr < lr_find_max_lr"
+            )
+        return s
+
+
+# ---------------------------------------------------------------- the decision (pure)
+
+
+def final_loss(losses: list[float], window: int) -> float:
+    """Mean of the last ``window`` losses; +inf if any loss was non-finite (the run blew up)."""
+    if not losses or any(not math.isfinite(v) for v in losses):
+        return math.inf
+    tail = losses[-window:]
+    return sum(tail) / len(tail)
+
+
+def analyse(
+    unstable_lr: float, probes: list[dict[str, Any]], multiples: list[float] | None = None
+) -> dict[str, Any]:
+    """Where training stops improving (see the module docstring for the definitions).
+
+    ``probes``: dicts with ``multiple``, ``final_loss`` and ``destabilised`` (bool). Returns the
+    per-probe verdicts, ``last_good``/``first_bad`` multiples, ``boundary_lr`` (None when every
+    multiple improved: the boundary is above the probed range), ``x_over_boundary`` and
+    ``agrees_within_2x``.
+    """
+    ordered = sorted(probes, key=lambda p: p["multiple"])
+    verdicts, prev, first_bad, last_good = [], None, None, None
+    for p in ordered:
+        worse = prev is not None and p["final_loss"] >= prev["final_loss"]
+        stops = bool(worse or p.get("destabilised") or not math.isfinite(p["final_loss"]))
+        reason = (
+            "non-finite loss"
+            if not math.isfinite(p["final_loss"])
+            else "destabilised during the run"
+            if p.get("destabilised")
+            else f"final loss no better than at {prev['multiple']:g}x"
+            if worse and prev is not None
+            else ""
+        )
+        verdicts.append({**p, "stops_improving": stops, "reason": reason})
+        if stops and first_bad is None:
+            first_bad = p["multiple"]
+        if first_bad is None:
+            last_good = p["multiple"]
+        prev = p
+    out: dict[str, Any] = {
+        "probes": verdicts,
+        "last_good_multiple": last_good,
+        "first_bad_multiple": first_bad,
+        "unstable_lr": unstable_lr,
+    }
+    if first_bad is None:
+        out.update(
+            boundary_lr=None,
+            boundary="above the probed range",
+            x_over_boundary=None,
+            agrees_within_2x=ordered[-1]["multiple"] <= 2.0,
+        )
+        return out
+    if last_good is None:
+        boundary_multiple = first_bad / 2.0  # below the probed range: at most half the lowest
+        where = "below the probed range"
+    else:
+        boundary_multiple = math.sqrt(last_good * first_bad)
+        where = f"between {last_good:g}x and {first_bad:g}x"
+    boundary_lr = boundary_multiple * unstable_lr
+    out.update(
+        boundary_lr=boundary_lr,
+        boundary_multiple=boundary_multiple,
+        boundary=where,
+        x_over_boundary=unstable_lr / boundary_lr,
+        agrees_within_2x=0.5 <= unstable_lr / boundary_lr <= 2.0,
+    )
+    return out
+
+
+def read_losses(metrics_csv: str | Path) -> list[float]:
+    """The per-step training losses of a run (val rows skipped)."""
+    out: list[float] = []
+    p = Path(metrics_csv)
+    if not p.exists():
+        return out
+    with p.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("train_loss"):
+                out.append(float(row["train_loss"]))
+    return out
+
+
+# ---------------------------------------------------------------- running it
+
+
+def probe_config(c: Config, s: ProbeSettings, lr: float) -> Config:
+    """The training config of one probe: constant LR after ``s.warmup`` steps, ``s.steps`` long."""
+    return replace(
+        c,
+        task="stability_probe",
+        lr=lr,
+        max_steps=s.steps,
+        warmup_steps=s.warmup,
+        val_every_steps=s.steps,
+        schedule=replace(c.schedule, decay="constant"),
+    )
+
+
+def run_probe(c: Config) -> dict[str, Any]:
+    """Run every probe (each writes its own record), Lightning's LR finder, and a summary record."""
+    from batchsize_study.data import prepare_corpus
+    from batchsize_study.experiments import compat_key, config_hash, study_dir, train
+    from batchsize_study.study import (
+        find_unstable_lr,
+        make_run_id,
+        runs_dir,
+        write_json_atomic,
+    )
+
+    t0 = time.time()
+    s = ProbeSettings.from_dict(dict(c.probe))
+    sdir = study_dir(c)
+    corpus = prepare_corpus(c.data, c.model.seq_len)
+    key = compat_key(c, corpus)
+    up = find_unstable_lr(sdir, c.seed, key, c.batch_size, c.upstream_wait_seconds)
+    x = up.value
+    log.info("stability probe: x = %.6g (%s); multiples %s", x, up.selection, s.multiples)
+    probes = []
+    for m in s.multiples:
+        rec = train(
+            probe_config(c, s, m * x),
+            extra_record={"probe_multiple": m, "unstable_lr": x, "upstream": up.paths},
+        )
+        losses = read_losses(rec["metrics_csv"])
+        probes.append(
+            {
+                "multiple": m,
+                "lr": m * x,
+                "final_loss": final_loss(losses, s.final_window),
+                "destabilised": rec.get("status") == "diverged" or "instability_warning" in rec,
+                "status": rec.get("status"),
+                "final_val_loss": rec.get("final_val_loss"),
+                "run_id": rec.get("run_id"),
+                "metrics_csv": rec.get("metrics_csv"),
+            }
+        )
+    result = analyse(x, probes)
+    finder = run_lr_find(c, s, corpus, x, sdir) if s.lr_find else None
+    chash = config_hash(c, x)
+    run_id = make_run_id("stability_probe-summary", c.batch_size, c.seed, chash)
+    path = runs_dir(sdir) / run_id / "result.json"
+    suggestion = finder.get("suggestion") if finder else None
+    summary = {
+        "experiment": SUMMARY,
+        "status": "completed",
+        "message": _message(result, suggestion),
+        "run_id": run_id,
+        "study": c.study.name,
+        "seed": c.seed,
+        "batch_size": c.batch_size,
+        "compat_key": key,
+        "corpus_fingerprint": corpus.fingerprint,
+        "unstable_lr": x,
+        "lr_source": f"{up.selection} from {', '.join(up.paths)}",
+        "probe": {**vars(s)},
+        "stops_improving_definition": (
+            "m stops improving when the mean training loss of its last final_window steps is no "
+            "lower than at the next-lower multiple, or its run destabilised (detector rule or "
+            "non-finite loss); boundary = geometric mean of the last multiple before the first "
+            "that stops improving and that one, times x"
+        ),
+        **_jsonable(result),
+        "lr_find": finder,
+        "lr_find_suggestion": suggestion,
+        "lr_find_over_x": (suggestion / x) if suggestion else None,
+        "config_hash": chash,
+        "wall_seconds": round(time.time() - t0, 2),
+        "finished_at": time.time(),
+    }
+    write_json_atomic(path, summary)
+    summary["_path"] = str(path)
+    log.info("stability probe: %s", summary["message"])
+    log.info("record: %s", path)
+    return summary
+
+
+def _message(result: dict[str, Any], suggestion: float | None) -> str:
+    x = result["unstable_lr"]
+    if result["boundary_lr"] is None:
+        msg = f"training still improved at the largest multiple; the boundary is above it (x = {x:.4g})"
+    else:
+        msg = (
+            f"training stops improving {result['boundary']} "
+            f"(boundary ~ {result['boundary_lr']:.4g}); x = {x:.4g} is "
+            f"{'within' if result['agrees_within_2x'] else 'NOT within'} a factor of 2 of it"
+        )
+    if suggestion:
+        msg += f"; Lightning lr_find suggests {suggestion:.4g} ({suggestion / x:.3g} x)"
+    return msg
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    """inf/nan are not JSON: store them as None (the probe's status says why)."""
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: fix(w) for k, w in v.items()}
+        if isinstance(v, list):
+            return [fix(w) for w in v]
+        return v
+
+    return fix(d)
+
+
+def run_lr_find(
+    c: Config, s: ProbeSettings, corpus: Any, x: float, sdir: str
+) -> dict[str, Any] | None:
+    """Lightning's ``Tuner.lr_find`` on the same model, data, batch and seed (exponential sweep,
+    suggestion = steepest descent of the loss, Lightning's default); None if it fails."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.tuner import Tuner
+
+    from batchsize_study.batch import plan_batch
+    from batchsize_study.data import TokenDataModule
+    from batchsize_study.experiments import resolve_precision, resolve_world_size
+    from batchsize_study.model import CausalLMModule
+
+    world = resolve_world_size(c.trainer)
+    plan = plan_batch(c.batch_size, c.micro_batch_size, world, c.model.seq_len, c.max_steps)
+    pl.seed_everything(c.seed, workers=True, verbose=False)
+    module = CausalLMModule(
+        c.model, c.optim, c.schedule, corpus.vocab_size, x, s.lr_find_num_training, 0
+    )
+    root = Path(sdir) / "runs" / f"stability_probe-lr_find-bs{c.batch_size}-seed{c.seed}"
+    root.mkdir(parents=True, exist_ok=True)
+    trainer_kwargs: dict[str, Any] = {
+        "precision": resolve_precision(c.precision, c.trainer.get("accelerator")),
+        "accumulate_grad_batches": plan.accumulate_grad_batches,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "use_distributed_sampler": False,
+        "default_root_dir": str(root),
+        "limit_val_batches": 0,
+    }
+    trainer_kwargs.update(c.trainer)
+    trainer = pl.Trainer(**trainer_kwargs)
+    n = s.lr_find_num_training
+    dm = TokenDataModule(
+        c.data,
+        corpus,
+        c.model.seq_len,
+        c.micro_batch_size,
+        c.seed,
+        samples_per_rank=(n + 2) * plan.accumulate_grad_batches * c.micro_batch_size,
+    )
+    try:
+        finder = Tuner(trainer).lr_find(
+            module,
+            datamodule=dm,
+            min_lr=s.lr_find_min_lr,
+            max_lr=s.lr_find_max_lr,
+            num_training=n,
+            update_attr=False,
+        )
+    except Exception as exc:  # an auxiliary reading: the probe's own answer stands without it
+        log.warning("Lightning lr_find failed (%s); the probe continues without it", exc)
+        return None
+    if finder is None:
+        return None
+    suggestion = finder.suggestion()
+    return {
+        "suggestion": float(suggestion) if suggestion is not None else None,
+        "method": "lightning.pytorch.tuner.Tuner.lr_find: exponential sweep, steepest descent",
+        "min_lr": s.lr_find_min_lr,
+        "max_lr": s.lr_find_max_lr,
+        "num_training": n,
+        "lrs": [float(v) for v in finder.results["lr"]],
+        "losses": [float(v) if math.isfinite(v) else None for v in finder.results["loss"]],
+    }
