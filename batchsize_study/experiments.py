@@ -242,7 +242,9 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
         )
         if micro != c.micro_batch_size:  # same sequences, two batch sizes (see noise.py)
             log.info("noise scale: micro batch %d run as %d", c.micro_batch_size, micro)
-            extra.update(noise_split={"micro_batch_size": c.micro_batch_size, "split": c.noise.split})
+            extra.update(
+                noise_split={"micro_batch_size": c.micro_batch_size, "split": c.noise.split}
+            )
             c = replace(c, micro_batch_size=micro)
             plan = plan_batch(c.batch_size, micro, world, c.model.seq_len, c.max_steps)
     optim = c.optim
