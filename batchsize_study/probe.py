@@ -353,3 +353,127 @@ def run_lr_find(
         "lrs": [float(v) for v in finder.results["lr"]],
         "losses": [float(v) if math.isfinite(v) else None for v in finder.results["loss"]],
     }
+
+
+# ---------------------------------------------------------------- the report's section
+
+
+def probe_section(
+    study_dir: str | Path, out_dir: str | Path
+) -> tuple[str, dict[str, Any], list[str]]:
+    """(markdown, json-able data, PNG paths) of the study's latest stability probe."""
+    from batchsize_study.study import read_records
+
+    recs = read_records(study_dir, SUMMARY)
+    lines = ["## Is x real? (stability probe)", ""]
+    if not recs:
+        lines.append(
+            "No stability probe in this study: `python -m batchsize_study "
+            "experiment=stability_probe` (after superconvergence) runs it."
+        )
+        return "\n".join(lines) + "\n", {}, []
+    rec = recs[-1]
+    data = {k: v for k, v in rec.items() if k != "_path"}
+    x = rec["unstable_lr"]
+    lines += [
+        rec["message"] + ".",
+        "",
+        f"Constant-LR runs of {rec['probe']['steps']} steps ({rec['probe']['warmup']} warmup) at "
+        f"batch {rec['batch_size']}, seed {rec['seed']}. *Stops improving*: "
+        f"{rec['stops_improving_definition']}.",
+        "",
+        "| multiple of x | lr | final loss | status | stops improving |",
+        "|---|---|---|---|---|",
+    ]
+    for p in rec["probes"]:
+        fl = p["final_loss"]
+        lines.append(
+            f"| {p['multiple']:g} | {p['lr']:.4g} | {'non-finite' if fl is None else f'{fl:.4f}'} "
+            f"| {p['status']} | {'yes: ' + p['reason'] if p['stops_improving'] else 'no'} |"
+        )
+    sug = rec.get("lr_find_suggestion")
+    lines += [
+        "",
+        f"| reading | lr | / x |\n|---|---|---|\n| x (superconvergence onset) | {x:.4g} | 1 |",
+    ]
+    if rec.get("boundary_lr"):
+        lines.append(
+            f"| probe boundary ({rec['boundary']}) | {rec['boundary_lr']:.4g} | "
+            f"{rec['boundary_lr'] / x:.3g} |"
+        )
+    if sug:
+        lines.append(f"| Lightning `Tuner.lr_find` suggestion | {sug:.4g} | {sug / x:.3g} |")
+    lines.append("")
+    lines.append(
+        "lr_find suggests the LR of the steepest loss descent in a short exponential sweep, "
+        "typically well below the stability limit; x and the probe boundary measure the limit."
+    )
+    pngs = _plot_probe(rec, Path(out_dir))
+    for p in pngs:
+        lines.append(f"\n![{Path(p).stem}]({Path(p).name})")
+    return "\n".join(lines) + "\n", data, pngs
+
+
+def _plot_probe(rec: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    x = rec["unstable_lr"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for p in rec["probes"]:
+        steps_losses = read_losses(p["metrics_csv"]) if p.get("metrics_csv") else []
+        if steps_losses:
+            ax1.plot(
+                range(1, len(steps_losses) + 1),
+                [v if math.isfinite(v) else float("nan") for v in steps_losses],
+                lw=1,
+                label=f"{p['multiple']:g} x",
+            )
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("training loss")
+    ax1.set_title("Constant-LR probes")
+    ax1.legend(fontsize=8)
+    finite = [p for p in rec["probes"] if p["final_loss"] is not None]
+    ax2.plot(
+        [p["lr"] for p in finite],
+        [p["final_loss"] for p in finite],
+        "o-",
+        color="k",
+        label="probe final loss",
+    )
+    ax2.axvline(x, color="C3", ls="--", label=f"x = {x:.3g}")
+    if rec.get("boundary_lr"):
+        ax2.axvline(
+            rec["boundary_lr"],
+            color="C2",
+            ls="-.",
+            label=f"probe boundary {rec['boundary_lr']:.3g}",
+        )
+    finder = rec.get("lr_find") or {}
+    if finder.get("suggestion"):
+        ax2.axvline(
+            finder["suggestion"], color="C0", ls=":", label=f"lr_find {finder['suggestion']:.3g}"
+        )
+    if finder.get("lrs"):
+        ax3 = ax2.twinx()
+        ax3.plot(
+            finder["lrs"],
+            [v if v is not None else float("nan") for v in finder["losses"]],
+            color="C0",
+            lw=0.8,
+            alpha=0.6,
+        )
+        ax3.set_ylabel("lr_find loss", color="C0")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("learning rate")
+    ax2.set_ylabel("final training loss")
+    ax2.set_title("Where training stops improving")
+    ax2.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path = out / "stability_probe.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [str(path)]
