@@ -129,7 +129,8 @@ def analyse(
             boundary_lr=None,
             boundary="above the probed range",
             x_over_boundary=None,
-            agrees_within_2x=ordered[-1]["multiple"] <= 2.0,
+            # above M x with M >= 2 is more than 2x above x; below that it is undetermined
+            agrees_within_2x=False if ordered[-1]["multiple"] >= 2.0 else None,
         )
         return out
     if last_good is None:

@@ -31,7 +31,9 @@ def test_disagreement_and_out_of_range():
     assert far["boundary_lr"] == pytest.approx(0.01 * math.sqrt(8))
     assert not far["agrees_within_2x"]  # x is 2.8x below where training stops improving
     above = analyse(0.01, [_p(0.5, 5.0), _p(1, 4.5), _p(4, 4.0)])
-    assert above["boundary_lr"] is None and not above["agrees_within_2x"]
+    assert above["boundary_lr"] is None and above["agrees_within_2x"] is False
+    short = analyse(0.01, [_p(0.5, 5.0), _p(1, 4.5)])
+    assert short["agrees_within_2x"] is None  # still improving at 1x: undetermined
     below = analyse(0.01, [_p(0.5, 5.0, destabilised=True), _p(1, 6.0)])
     assert below["boundary"] == "below the probed range" and not below["agrees_within_2x"]
 
