@@ -8,15 +8,18 @@ so its suggestion can be read beside x.
 
 Definitions (what the summary record and :func:`analyse` compute):
 
-* final loss L(m): the mean training loss over the last ``final_window`` steps of the run at
-  ``m * x``; +inf if any step's loss was non-finite.
-* m *stops improving* when L(m) >= L(m_prev), m_prev the next-lower multiple (a higher LR no longer
-  buys a lower loss in the same number of steps), or when the run itself destabilised by the
-  study's own criterion (the detector of ``detector.*`` — smoothed loss ``threshold`` above its
-  best for ``patience`` steps — or a non-finite loss).
+* the run at ``m * x`` *stops improving* when its own training stops improving: a non-finite loss,
+  or the study's detector (``detector.*``: smoothed loss ``threshold`` above its best for
+  ``patience`` steps) fired, or its smoothed loss (EMA 0.9, bias-corrected) set no new best in its
+  last ``trend_window`` steps. This is the quantity x claims to be: a stability limit.
 * the empirical boundary lies between the last multiple before the first that stops improving
   (``last_good``) and that first one (``first_bad``); its point estimate is their geometric mean.
   x *agrees* when it lies within a factor of 2 of that estimate.
+* reported beside it, not used for the boundary: the final loss L(m) (mean training loss of the
+  last ``final_window`` steps; +inf if any loss was non-finite), whether L(m) >= L(next-lower m),
+  and the multiple with the lowest L — the best LR for *this short horizon from initialisation*,
+  which sits below the stability limit (early training is stable only at lower LRs, which is why
+  warmup exists; Gilmer et al. 2021, "A Loss Curvature Perspective on Training Instability").
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class ProbeSettings:
     steps: int = 100
     warmup: int = 10
     final_window: int = 10
+    trend_window: int = 20
     lr_find: bool = True
     lr_find_min_lr: float = 1e-5
     lr_find_max_lr: float = 1.0
@@ -66,10 +70,11 @@ class ProbeSettings:
             raise ConfigError("probe.steps", s.steps, "use at least 2 optimizer steps")
         if not 0 <= s.warmup < s.steps:
             raise ConfigError("probe.warmup", s.warmup, f"use 0..probe.steps-1 ({s.steps - 1})")
-        if not 1 <= s.final_window <= s.steps:
-            raise ConfigError(
-                "probe.final_window", s.final_window, f"use 1..probe.steps ({s.steps})"
-            )
+        for key in ("final_window", "trend_window"):
+            if not 1 <= getattr(s, key) < s.steps:
+                raise ConfigError(
+                    f"probe.{key}", getattr(s, key), f"use 1..probe.steps-1 ({s.steps - 1})"
+                )
         if not 0 < s.lr_find_min_lr < s.lr_find_max_lr:
             raise ConfigError(
                 "probe.lr_find_min_lr", s.lr_find_min_lr, "use 0 < lr_find_min_lr < lr_find_max_lr"
@@ -88,41 +93,57 @@ def final_loss(losses: list[float], window: int) -> float:
     return sum(tail) / len(tail)
 
 
-def analyse(
-    unstable_lr: float, probes: list[dict[str, Any]], multiples: list[float] | None = None
-) -> dict[str, Any]:
+def still_improving(losses: list[float], window: int) -> bool:
+    """True when the smoothed loss sets a new best within the last ``window`` steps."""
+    from batchsize_study.ladder import smooth
+
+    if len(losses) <= window or any(not math.isfinite(v) for v in losses):
+        return False
+    sm = smooth(losses)
+    return min(sm[-window:]) < min(sm[:-window])
+
+
+def analyse(unstable_lr: float, probes: list[dict[str, Any]]) -> dict[str, Any]:
     """Where training stops improving (see the module docstring for the definitions).
 
-    ``probes``: dicts with ``multiple``, ``final_loss`` and ``destabilised`` (bool). Returns the
-    per-probe verdicts, ``last_good``/``first_bad`` multiples, ``boundary_lr`` (None when every
-    multiple improved: the boundary is above the probed range), ``x_over_boundary`` and
-    ``agrees_within_2x``.
+    ``probes``: dicts with ``multiple``, ``final_loss``, ``destabilised`` and ``improving`` (the
+    run's smoothed loss set a new best in its last trend_window steps). Returns the per-probe
+    verdicts, ``last_good``/``first_bad`` multiples, ``boundary_lr`` (None when every multiple
+    improved: the boundary is above the probed range), ``x_over_boundary``,
+    ``agrees_within_2x`` and, beside them, ``short_horizon_best_multiple``.
     """
     ordered = sorted(probes, key=lambda p: p["multiple"])
     verdicts, prev, first_bad, last_good = [], None, None, None
     for p in ordered:
-        worse = prev is not None and p["final_loss"] >= prev["final_loss"]
-        stops = bool(worse or p.get("destabilised") or not math.isfinite(p["final_loss"]))
+        finite = math.isfinite(p["final_loss"])
+        stops = bool(not finite or p.get("destabilised") or not p.get("improving", True))
         reason = (
             "non-finite loss"
-            if not math.isfinite(p["final_loss"])
+            if not finite
             else "destabilised during the run"
             if p.get("destabilised")
-            else f"final loss no better than at {prev['multiple']:g}x"
-            if worse and prev is not None
+            else "no new best loss at the end of the run"
+            if stops
             else ""
         )
-        verdicts.append({**p, "stops_improving": stops, "reason": reason})
+        worse = prev is not None and p["final_loss"] >= prev["final_loss"]
+        verdicts.append(
+            {**p, "stops_improving": stops, "reason": reason, "worse_than_lower": worse}
+        )
         if stops and first_bad is None:
             first_bad = p["multiple"]
         if first_bad is None:
             last_good = p["multiple"]
         prev = p
+    finite = [p for p in ordered if math.isfinite(p["final_loss"])]
+    best = min(finite, key=lambda p: p["final_loss"])["multiple"] if finite else None
     out: dict[str, Any] = {
         "probes": verdicts,
         "last_good_multiple": last_good,
         "first_bad_multiple": first_bad,
         "unstable_lr": unstable_lr,
+        "short_horizon_best_multiple": best,
+        "short_horizon_best_lr": best * unstable_lr if best is not None else None,
     }
     if first_bad is None:
         out.update(
@@ -210,6 +231,7 @@ def run_probe(c: Config) -> dict[str, Any]:
                 "multiple": m,
                 "lr": m * x,
                 "final_loss": final_loss(losses, s.final_window),
+                "improving": still_improving(losses, s.trend_window),
                 "destabilised": rec.get("status") == "diverged" or "instability_warning" in rec,
                 "status": rec.get("status"),
                 "final_val_loss": rec.get("final_val_loss"),
@@ -237,10 +259,10 @@ def run_probe(c: Config) -> dict[str, Any]:
         "lr_source": f"{up.selection} from {', '.join(up.paths)}",
         "probe": {**vars(s)},
         "stops_improving_definition": (
-            "m stops improving when the mean training loss of its last final_window steps is no "
-            "lower than at the next-lower multiple, or its run destabilised (detector rule or "
-            "non-finite loss); boundary = geometric mean of the last multiple before the first "
-            "that stops improving and that one, times x"
+            "the run at m x stops improving when its loss went non-finite, the detector fired "
+            "(smoothed loss detector.threshold above its best for detector.patience steps), or its "
+            "smoothed loss set no new best in its last trend_window steps; boundary = geometric "
+            "mean of the last multiple before the first that stops improving and that one, times x"
         ),
         **_jsonable(result),
         "lr_find": finder,
@@ -267,6 +289,9 @@ def _message(result: dict[str, Any], suggestion: float | None) -> str:
             f"(boundary ~ {result['boundary_lr']:.4g}); x = {x:.4g} is "
             f"{'within' if result['agrees_within_2x'] else 'NOT within'} a factor of 2 of it"
         )
+    best = result.get("short_horizon_best_lr")
+    if best:
+        msg += f"; the lowest final loss of these short runs is at {best:.4g} ({best / x:.3g} x)"
     if suggestion:
         msg += f"; Lightning lr_find suggests {suggestion:.4g} ({suggestion / x:.3g} x)"
     return msg
@@ -383,14 +408,15 @@ def probe_section(
         f"batch {rec['batch_size']}, seed {rec['seed']}. *Stops improving*: "
         f"{rec['stops_improving_definition']}.",
         "",
-        "| multiple of x | lr | final loss | status | stops improving |",
-        "|---|---|---|---|---|",
+        "| multiple of x | lr | final loss | worse than lower | status | stops improving |",
+        "|---|---|---|---|---|---|",
     ]
     for p in rec["probes"]:
         fl = p["final_loss"]
         lines.append(
             f"| {p['multiple']:g} | {p['lr']:.4g} | {'non-finite' if fl is None else f'{fl:.4f}'} "
-            f"| {p['status']} | {'yes: ' + p['reason'] if p['stops_improving'] else 'no'} |"
+            f"| {'yes' if p.get('worse_than_lower') else 'no'} | {p['status']} "
+            f"| {'yes: ' + p['reason'] if p['stops_improving'] else 'no'} |"
         )
     sug = rec.get("lr_find_suggestion")
     lines += [
@@ -401,6 +427,12 @@ def probe_section(
         lines.append(
             f"| probe boundary ({rec['boundary']}) | {rec['boundary_lr']:.4g} | "
             f"{rec['boundary_lr'] / x:.3g} |"
+        )
+    best = rec.get("short_horizon_best_lr")
+    if best:
+        lines.append(
+            f"| lowest final loss in {rec['probe']['steps']} steps (short-horizon optimum) | "
+            f"{best:.4g} | {best / x:.3g} |"
         )
     if sug:
         lines.append(f"| Lightning `Tuner.lr_find` suggestion | {sug:.4g} | {sug / x:.3g} |")

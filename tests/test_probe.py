@@ -10,24 +10,37 @@ import pytest
 
 from batchsize_study.errors import ConfigError
 from batchsize_study.experiments import run
-from batchsize_study.probe import SUMMARY, ProbeSettings, analyse, final_loss, probe_section
+from batchsize_study.probe import (
+    SUMMARY,
+    ProbeSettings,
+    analyse,
+    final_loss,
+    probe_section,
+    still_improving,
+)
 from batchsize_study.study import read_records
 
 
-def _p(m: float, loss: float, destabilised: bool = False) -> dict:
-    return {"multiple": m, "final_loss": loss, "destabilised": destabilised}
+def _p(m: float, loss: float, improving: bool = True, destabilised: bool = False) -> dict:
+    return {"multiple": m, "final_loss": loss, "improving": improving, "destabilised": destabilised}
 
 
-def test_boundary_is_where_a_higher_lr_stops_helping():
-    r = analyse(0.01, [_p(0.25, 5.0), _p(0.5, 4.5), _p(1, 4.2), _p(2, 4.4), _p(4, math.inf)])
+def test_boundary_is_where_the_run_itself_stops_improving():
+    r = analyse(
+        0.01,
+        [_p(0.25, 5.0), _p(0.5, 4.5), _p(1, 4.6), _p(2, 4.4, improving=False), _p(4, math.inf)],
+    )
     assert r["last_good_multiple"] == 1 and r["first_bad_multiple"] == 2
     assert r["boundary_lr"] == pytest.approx(0.01 * math.sqrt(2))
     assert r["agrees_within_2x"]
     assert [p["stops_improving"] for p in r["probes"]] == [False, False, False, True, True]
+    # Reported beside the boundary, not used for it: the short-horizon optimum and L(m) order.
+    assert r["short_horizon_best_multiple"] == 2
+    assert [p["worse_than_lower"] for p in r["probes"]] == [False, False, True, False, True]
 
 
 def test_disagreement_and_out_of_range():
-    far = analyse(0.01, [_p(0.25, 5.0), _p(0.5, 4.5), _p(1, 4.2), _p(2, 4.0), _p(4, 4.1)])
+    far = analyse(0.01, [_p(0.25, 5.0), _p(1, 4.2), _p(2, 4.0), _p(4, 4.1, destabilised=True)])
     assert far["boundary_lr"] == pytest.approx(0.01 * math.sqrt(8))
     assert not far["agrees_within_2x"]  # x is 2.8x below where training stops improving
     above = analyse(0.01, [_p(0.5, 5.0), _p(1, 4.5), _p(4, 4.0)])
@@ -36,6 +49,14 @@ def test_disagreement_and_out_of_range():
     assert short["agrees_within_2x"] is None  # still improving at 1x: undetermined
     below = analyse(0.01, [_p(0.5, 5.0, destabilised=True), _p(1, 6.0)])
     assert below["boundary"] == "below the probed range" and not below["agrees_within_2x"]
+
+
+def test_still_improving_reads_the_end_of_the_run():
+    falling = [6.0 - 0.01 * i for i in range(100)]
+    assert still_improving(falling, 20)
+    flat_then_up = [6.0 - 0.02 * i for i in range(50)] + [5.0 + 0.01 * i for i in range(50)]
+    assert not still_improving(flat_then_up, 20)
+    assert not still_improving(falling[:-1] + [math.nan], 20)
 
 
 def test_final_loss_and_settings():
@@ -58,6 +79,7 @@ def test_smoke_stability_probe_end_to_end(cfg_factory, tmp_path: Path):
             "warmup_steps=3",
             "probe.multiples=[0.5,1,2]",
             "probe.final_window=4",
+            "probe.trend_window=4",
             "probe.lr_find_num_training=15",
         )
     )
