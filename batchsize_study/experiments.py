@@ -253,6 +253,13 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
         betas, eps = adam_sde_hparams(list(optim.betas), optim.eps, ratio)
         optim = type(optim)(**{**asdict(optim), "betas": betas, "eps": eps})
         extra.update(adam_sde={"ratio": ratio, "betas": betas, "eps": eps})
+        if min(betas) <= 0.0:  # kappa (1 - beta) >= 1: the SDE rule has left its range
+            log.warning(
+                "lr_scaling.adam_sde: batch ratio %g makes beta <= 0 (betas %s, clamped at 0); "
+                "the SDE rule holds for ratios below 1 / (1 - beta)",
+                ratio,
+                betas,
+            )
         if c.lr_scaling.alpha != 0.5:
             log.warning(
                 "lr_scaling.adam_sde=true belongs with the square-root LR rule (alpha=0.5), "
