@@ -8,18 +8,29 @@ so its suggestion can be read beside x.
 
 Definitions (what the summary record and :func:`analyse` compute):
 
-* the run at ``m * x`` *stops improving* when its own training stops improving: a non-finite loss,
-  or the study's detector (``detector.*``: smoothed loss ``threshold`` above its best for
-  ``patience`` steps) fired, or its smoothed loss (EMA 0.9, bias-corrected) set no new best in its
-  last ``trend_window`` steps. This is the quantity x claims to be: a stability limit.
-* the empirical boundary lies between the last multiple before the first that stops improving
-  (``last_good``) and that first one (``first_bad``); its point estimate is their geometric mean.
-  x *agrees* when it lies within a factor of 2 of that estimate.
-* reported beside it, not used for the boundary: the final loss L(m) (mean training loss of the
-  last ``final_window`` steps; +inf if any loss was non-finite), whether L(m) >= L(next-lower m),
-  and the multiple with the lowest L — the best LR for *this short horizon from initialisation*,
-  which sits below the stability limit (early training is stable only at lower LRs, which is why
-  warmup exists; Gilmer et al. 2021, "A Loss Curvature Perspective on Training Instability").
+* final loss L(m): the mean training loss over the last ``final_window`` steps of the run at
+  ``m * x`` (+inf if any loss was non-finite), with its standard error se(m) (the std of those
+  steps' losses / sqrt(final_window)).
+* m *stops improving* when a higher LR no longer buys a lower loss in the same steps — L(m) is
+  worse than the best L(m') at a lower multiple by more than ``noise_sigmas`` combined standard
+  errors — or when the run itself destabilised (a non-finite loss, or the study's detector
+  ``detector.*`` fired: smoothed loss ``threshold`` above its best for ``patience`` steps). The
+  tolerance matters: at a small batch, neighbouring multiples differ by about the batch noise,
+  and a plain L(m) >= L(m_prev) is then decided by that noise.
+* the empirical boundary is where training stops improving *for good*: ``first_bad`` is the
+  smallest multiple from which every higher multiple also stops improving (one noisy multiple
+  followed by a good one does not end the range), ``last_good`` the multiple below it; the point
+  estimate is their geometric mean. x *agrees* when it lies within a factor of 2 of that
+  estimate. The first multiple that stops improving at all is recorded too
+  (``first_bad_local``).
+* reported beside it, not used for the boundary: the plain L(m) >= L(next-lower m) comparison,
+  whether the run's smoothed loss still set a new best in its last ``trend_window`` steps, and the
+  multiple with the lowest L (the best LR for this short horizon from initialisation).
+
+The horizon matters: x is read where the ramp destabilised (``spike_step`` of superconvergence,
+at a loss the short probes may never reach); probes shorter than that test stability earlier in
+training, where it holds only at lower LRs (the reason warmup exists; Gilmer et al. 2021, "A Loss
+Curvature Perspective on Training Instability").
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ class ProbeSettings:
     warmup: int = 10
     final_window: int = 10
     trend_window: int = 20
+    noise_sigmas: float = 2.0
     lr_find: bool = True
     lr_find_min_lr: float = 1e-5
     lr_find_max_lr: float = 1.0
@@ -93,6 +105,16 @@ def final_loss(losses: list[float], window: int) -> float:
     return sum(tail) / len(tail)
 
 
+def final_loss_se(losses: list[float], window: int) -> float:
+    """Standard error of :func:`final_loss` (std of the window's losses / sqrt(window))."""
+    tail = losses[-window:]
+    if len(tail) < 2 or any(not math.isfinite(v) for v in tail):
+        return math.inf
+    mean = sum(tail) / len(tail)
+    var = sum((v - mean) ** 2 for v in tail) / (len(tail) - 1)
+    return math.sqrt(var / len(tail))
+
+
 def still_improving(losses: list[float], window: int) -> bool:
     """True when the smoothed loss sets a new best within the last ``window`` steps."""
     from batchsize_study.ladder import smooth
@@ -103,44 +125,61 @@ def still_improving(losses: list[float], window: int) -> bool:
     return min(sm[-window:]) < min(sm[:-window])
 
 
-def analyse(unstable_lr: float, probes: list[dict[str, Any]]) -> dict[str, Any]:
+def analyse(
+    unstable_lr: float, probes: list[dict[str, Any]], noise_sigmas: float = 2.0
+) -> dict[str, Any]:
     """Where training stops improving (see the module docstring for the definitions).
 
-    ``probes``: dicts with ``multiple``, ``final_loss``, ``destabilised`` and ``improving`` (the
-    run's smoothed loss set a new best in its last trend_window steps). Returns the per-probe
+    ``probes``: dicts with ``multiple``, ``final_loss``, ``final_loss_se`` (0 if absent),
+    ``destabilised`` and, reported only, ``improving``. Returns the per-probe
     verdicts, ``last_good``/``first_bad`` multiples, ``boundary_lr`` (None when every multiple
     improved: the boundary is above the probed range), ``x_over_boundary``,
     ``agrees_within_2x`` and, beside them, ``short_horizon_best_multiple``.
     """
     ordered = sorted(probes, key=lambda p: p["multiple"])
-    verdicts, prev, first_bad, last_good = [], None, None, None
+    verdicts, prev, best_lower = [], None, None
+    first_bad = last_good = first_bad_local = None
     for p in ordered:
         finite = math.isfinite(p["final_loss"])
-        stops = bool(not finite or p.get("destabilised") or not p.get("improving", True))
+        se = p.get("final_loss_se") or 0.0
+        margin = math.inf
+        if best_lower is not None and finite:
+            tol = noise_sigmas * math.sqrt(se**2 + (best_lower.get("final_loss_se") or 0.0) ** 2)
+            margin = p["final_loss"] - best_lower["final_loss"] - tol
+        worse_sig = best_lower is not None and finite and margin > 0
+        stops = bool(not finite or p.get("destabilised") or worse_sig)
         reason = (
             "non-finite loss"
             if not finite
             else "destabilised during the run"
             if p.get("destabilised")
-            else "no new best loss at the end of the run"
-            if stops
+            else f"final loss worse than at {best_lower['multiple']:g}x beyond the noise"
+            if worse_sig and best_lower is not None
             else ""
         )
+        if finite and (best_lower is None or p["final_loss"] < best_lower["final_loss"]):
+            best_lower = p
         worse = prev is not None and p["final_loss"] >= prev["final_loss"]
         verdicts.append(
             {**p, "stops_improving": stops, "reason": reason, "worse_than_lower": worse}
         )
-        if stops and first_bad is None:
-            first_bad = p["multiple"]
-        if first_bad is None:
-            last_good = p["multiple"]
+        if stops and first_bad_local is None:
+            first_bad_local = p["multiple"]
         prev = p
+    for i, v in enumerate(verdicts):  # the smallest m from which every higher m stops improving
+        if all(w["stops_improving"] for w in verdicts[i:]):
+            first_bad = v["multiple"]
+            last_good = verdicts[i - 1]["multiple"] if i > 0 else None
+            break
+    for v in verdicts:
+        v["beyond_boundary"] = first_bad is not None and v["multiple"] >= first_bad
     finite = [p for p in ordered if math.isfinite(p["final_loss"])]
     best = min(finite, key=lambda p: p["final_loss"])["multiple"] if finite else None
     out: dict[str, Any] = {
         "probes": verdicts,
         "last_good_multiple": last_good,
         "first_bad_multiple": first_bad,
+        "first_bad_local": first_bad_local,
         "unstable_lr": unstable_lr,
         "short_horizon_best_multiple": best,
         "short_horizon_best_lr": best * unstable_lr if best is not None else None,
@@ -231,6 +270,7 @@ def run_probe(c: Config) -> dict[str, Any]:
                 "multiple": m,
                 "lr": m * x,
                 "final_loss": final_loss(losses, s.final_window),
+                "final_loss_se": final_loss_se(losses, s.final_window),
                 "improving": still_improving(losses, s.trend_window),
                 "destabilised": rec.get("status") == "diverged" or "instability_warning" in rec,
                 "status": rec.get("status"),
@@ -239,7 +279,7 @@ def run_probe(c: Config) -> dict[str, Any]:
                 "metrics_csv": rec.get("metrics_csv"),
             }
         )
-    result = analyse(x, probes)
+    result = analyse(x, probes, s.noise_sigmas)
     finder = run_lr_find(c, s, corpus, x, sdir) if s.lr_find else None
     chash = config_hash(c, x)
     run_id = make_run_id("stability_probe-summary", c.batch_size, c.seed, chash)
@@ -259,10 +299,11 @@ def run_probe(c: Config) -> dict[str, Any]:
         "lr_source": f"{up.selection} from {', '.join(up.paths)}",
         "probe": {**vars(s)},
         "stops_improving_definition": (
-            "the run at m x stops improving when its loss went non-finite, the detector fired "
-            "(smoothed loss detector.threshold above its best for detector.patience steps), or its "
-            "smoothed loss set no new best in its last trend_window steps; boundary = geometric "
-            "mean of the last multiple before the first that stops improving and that one, times x"
+            "m stops improving when its final loss (mean of the last final_window steps) is worse "
+            "than the best final loss at a lower multiple by more than noise_sigmas combined "
+            "standard errors, or its run destabilised (non-finite loss, or the detector fired); "
+            "boundary = geometric mean of the last multiple before the first that stops improving "
+            "and that one, times x"
         ),
         **_jsonable(result),
         "lr_find": finder,
@@ -408,15 +449,18 @@ def probe_section(
         f"batch {rec['batch_size']}, seed {rec['seed']}. *Stops improving*: "
         f"{rec['stops_improving_definition']}.",
         "",
-        "| multiple of x | lr | final loss | worse than lower | status | stops improving |",
-        "|---|---|---|---|---|---|",
+        "| multiple of x | lr | final loss ± se | plain L >= L(lower) | status | stops improving "
+        "| beyond boundary |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p in rec["probes"]:
-        fl = p["final_loss"]
+        fl, se = p["final_loss"], p.get("final_loss_se") or 0.0
         lines.append(
-            f"| {p['multiple']:g} | {p['lr']:.4g} | {'non-finite' if fl is None else f'{fl:.4f}'} "
+            f"| {p['multiple']:g} | {p['lr']:.4g} "
+            f"| {'non-finite' if fl is None else f'{fl:.4f} ± {se:.3f}'} "
             f"| {'yes' if p.get('worse_than_lower') else 'no'} | {p['status']} "
-            f"| {'yes: ' + p['reason'] if p['stops_improving'] else 'no'} |"
+            f"| {'yes: ' + p['reason'] if p['stops_improving'] else 'no'} "
+            f"| {'yes' if p.get('beyond_boundary') else 'no'} |"
         )
     sug = rec.get("lr_find_suggestion")
     lines += [

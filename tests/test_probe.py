@@ -15,36 +15,37 @@ from batchsize_study.probe import (
     ProbeSettings,
     analyse,
     final_loss,
+    final_loss_se,
     probe_section,
     still_improving,
 )
 from batchsize_study.study import read_records
 
 
-def _p(m: float, loss: float, improving: bool = True, destabilised: bool = False) -> dict:
-    return {"multiple": m, "final_loss": loss, "improving": improving, "destabilised": destabilised}
+def _p(m: float, loss: float, se: float = 0.0, destabilised: bool = False) -> dict:
+    return {"multiple": m, "final_loss": loss, "final_loss_se": se, "destabilised": destabilised}
 
 
-def test_boundary_is_where_the_run_itself_stops_improving():
-    r = analyse(
-        0.01,
-        [_p(0.25, 5.0), _p(0.5, 4.5), _p(1, 4.6), _p(2, 4.4, improving=False), _p(4, math.inf)],
-    )
+def test_boundary_is_where_a_higher_lr_stops_helping_for_good():
+    r = analyse(0.01, [_p(0.25, 5.0), _p(0.5, 4.5), _p(1, 4.2), _p(2, 4.4), _p(4, math.inf)])
     assert r["last_good_multiple"] == 1 and r["first_bad_multiple"] == 2
     assert r["boundary_lr"] == pytest.approx(0.01 * math.sqrt(2))
     assert r["agrees_within_2x"]
     assert [p["stops_improving"] for p in r["probes"]] == [False, False, False, True, True]
-    # Reported beside the boundary, not used for it: the short-horizon optimum and L(m) order.
-    assert r["short_horizon_best_multiple"] == 2
-    assert [p["worse_than_lower"] for p in r["probes"]] == [False, False, True, False, True]
+    assert r["short_horizon_best_multiple"] == 1
+    # One worse multiple followed by a better one does not end the range.
+    r = analyse(0.01, [_p(0.25, 5.0), _p(0.5, 4.5), _p(1, 4.6), _p(2, 4.4), _p(4, 4.7)])
+    assert r["first_bad_local"] == 1 and r["first_bad_multiple"] == 4
+    assert r["boundary_lr"] == pytest.approx(0.01 * math.sqrt(8))
+    assert not r["agrees_within_2x"]  # x is 2.8x below where training stops improving
 
 
-def test_disagreement_and_out_of_range():
-    far = analyse(0.01, [_p(0.25, 5.0), _p(1, 4.2), _p(2, 4.0), _p(4, 4.1, destabilised=True)])
-    assert far["boundary_lr"] == pytest.approx(0.01 * math.sqrt(8))
-    assert not far["agrees_within_2x"]  # x is 2.8x below where training stops improving
-    above = analyse(0.01, [_p(0.5, 5.0), _p(1, 4.5), _p(4, 4.0)])
-    assert above["boundary_lr"] is None and above["agrees_within_2x"] is False
+def test_noise_tolerance_and_out_of_range():
+    noisy = analyse(0.01, [_p(1, 4.0, se=0.1), _p(2, 4.1, se=0.1)])
+    assert noisy["first_bad_multiple"] is None  # 0.1 apart, within 2 combined standard errors
+    assert noisy["boundary"] == "above the probed range" and noisy["agrees_within_2x"] is False
+    exact = analyse(0.01, [_p(1, 4.0), _p(2, 4.1)])
+    assert exact["first_bad_multiple"] == 2 and exact["agrees_within_2x"]
     short = analyse(0.01, [_p(0.5, 5.0), _p(1, 4.5)])
     assert short["agrees_within_2x"] is None  # still improving at 1x: undetermined
     below = analyse(0.01, [_p(0.5, 5.0, destabilised=True), _p(1, 6.0)])
@@ -62,6 +63,7 @@ def test_still_improving_reads_the_end_of_the_run():
 def test_final_loss_and_settings():
     assert final_loss([3.0, 2.0, 1.0], 2) == pytest.approx(1.5)
     assert final_loss([3.0, math.nan, 1.0], 2) == math.inf
+    assert final_loss_se([1.0, 3.0], 2) == pytest.approx(1.0)  # std sqrt(2) / sqrt(2)
     with pytest.raises(ConfigError, match="probe.multiples"):
         ProbeSettings.from_dict({"multiples": [1.0]})
     with pytest.raises(ConfigError, match="probe.stepz"):
