@@ -82,11 +82,11 @@ class ProbeSettings:
             raise ConfigError("probe.steps", s.steps, "use at least 2 optimizer steps")
         if not 0 <= s.warmup < s.steps:
             raise ConfigError("probe.warmup", s.warmup, f"use 0..probe.steps-1 ({s.steps - 1})")
-        for key in ("final_window", "trend_window"):
-            if not 1 <= getattr(s, key) < s.steps:
-                raise ConfigError(
-                    f"probe.{key}", getattr(s, key), f"use 1..probe.steps-1 ({s.steps - 1})"
-                )
+        if not 1 <= s.final_window < s.steps:
+            raise ConfigError(
+                "probe.final_window", s.final_window, f"use 1..probe.steps-1 ({s.steps - 1})"
+            )
+        s.trend_window = max(1, min(s.trend_window, s.steps - 1))  # reported only
         if not 0 < s.lr_find_min_lr < s.lr_find_max_lr:
             raise ConfigError(
                 "probe.lr_find_min_lr", s.lr_find_min_lr, "use 0 < lr_find_min_lr < lr_find_max_lr"

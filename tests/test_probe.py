@@ -81,7 +81,6 @@ def test_smoke_stability_probe_end_to_end(cfg_factory, tmp_path: Path):
             "warmup_steps=3",
             "probe.multiples=[0.5,1,2]",
             "probe.final_window=4",
-            "probe.trend_window=4",
             "probe.lr_find_num_training=15",
         )
     )
