@@ -77,6 +77,21 @@ class DetectorConfig:
 
 
 @dataclass
+class NoiseConfig:
+    enabled: bool = True
+    """small/large: estimate the simple gradient noise scale B_simple = tr(Sigma) / |G|^2
+    (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training") from the gradients the
+    run already computes: each micro-batch's contribution against the accumulated gradient."""
+    ema: float = 0.95
+    """EMA factor of the estimator's numerator and denominator, kept apart (a ratio of EMAs: the
+    paper's appendix A.1 warns that the ratio of two noisy unbiased estimates is biased)."""
+    split: int = 2
+    """With one micro-batch per step on one device there is only one batch size; then the micro
+    batch is run as this many smaller micro-batches (the same sequences, the same gradient up to
+    rounding). 1 turns the split off, and such runs then record no noise scale."""
+
+
+@dataclass
 class ModelConfig:
     arch: str = "llama"
     """A Hugging Face model_type (llama, gpt2, ...): built from config, no weights downloaded."""
@@ -186,6 +201,7 @@ class Config:
     trainer: dict[str, Any] = field(default_factory=dict)
     """Passed to lightning.Trainer (accelerator, devices, num_nodes, strategy, ...)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
     probe: dict[str, Any] = field(default_factory=dict)
     """stability_probe settings (multiples of x, steps per probe)."""
     compare: dict[str, Any] = field(default_factory=dict)
@@ -332,6 +348,9 @@ def validate(cfg: DictConfig | Config) -> Config:
         _check(
             bool(t.name), "data.tokenizer.name", t.name, "give a hub id or a tokenizer.json path"
         )
+    n = c.noise
+    _check(0 <= n.ema < 1, "noise.ema", n.ema, "use an EMA factor in [0, 1), e.g. 0.95")
+    _check(n.split >= 1, "noise.split", n.split, "use 1 (no split) or a small divisor such as 2")
     lg = c.logger
     _check(
         lg.wandb_mode in ("offline", "online", "disabled"),

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,10 @@ def run(cfg: DictConfig | Config) -> dict[str, Any]:
         from batchsize_study.report import run_compare
 
         return run_compare(c)
+    if c.task == "stability_probe":
+        from batchsize_study.probe import run_probe
+
+        return run_probe(c)
     return train(c)
 
 
@@ -157,6 +161,8 @@ def derive_lr(c: Config, sdir: str, key: str) -> tuple[float, str, dict[str, Any
     extra: dict[str, Any] = {}
     if c.task == "superconvergence":
         return float(c.lr), "given: the too-high warmup target (lr)", extra  # type: ignore[arg-type]
+    if c.task == "stability_probe":  # batchsize_study.probe sets lr = multiple * x
+        return float(c.lr), "given: stability probe, lr = multiple * x", extra  # type: ignore[arg-type]
     if c.task == "small_batch":
         if c.lr is not None:
             return c.lr, "given: lr on the command line/config", extra
@@ -215,13 +221,15 @@ def _build_loggers(c: Config, sdir: str, run_id: str, record_config: dict[str, A
     return [lg] if lg is not None else []
 
 
-def train(c: Config) -> dict[str, Any]:
+def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One training run; ``extra_record`` joins the record's derivation (e.g. a probe's multiple)."""
     t0 = time.time()
     sdir = study_dir(c)
     check_writable(sdir)
     corpus = prepare_corpus(c.data, c.model.seq_len)
     key = compat_key(c, corpus)
     peak_lr, lr_source, extra = derive_lr(c, sdir, key)
+    extra.update(extra_record or {})
     chash = config_hash(c, peak_lr)
     run_id = make_run_id(c.task, c.batch_size, c.seed, chash)
     run_dir = runs_dir(sdir) / run_id
@@ -238,12 +246,39 @@ def train(c: Config) -> dict[str, Any]:
 
     world = resolve_world_size(c.trainer)
     plan = plan_batch(c.batch_size, c.micro_batch_size, world, c.model.seq_len, c.max_steps)
+    measure_noise = c.noise.enabled and c.task in ("small_batch", "large_batch")
+    if measure_noise:
+        from batchsize_study.noise import noise_micro_batch
+
+        micro = noise_micro_batch(
+            c.micro_batch_size, plan.accumulate_grad_batches, world, c.noise.split
+        )
+        if micro != c.micro_batch_size:  # same sequences, two batch sizes (see noise.py)
+            log.info("noise scale: micro batch %d run as %d", c.micro_batch_size, micro)
+            extra.update(
+                noise_split={"micro_batch_size": c.micro_batch_size, "split": c.noise.split}
+            )
+            c = replace(c, micro_batch_size=micro)
+            plan = plan_batch(c.batch_size, micro, world, c.model.seq_len, c.max_steps)
     optim = c.optim
     if c.lr_scaling.adam_sde and c.task == "large_batch" and extra.get("small_batch_size"):
         ratio = c.batch_size / extra["small_batch_size"]
         betas, eps = adam_sde_hparams(list(optim.betas), optim.eps, ratio)
         optim = type(optim)(**{**asdict(optim), "betas": betas, "eps": eps})
         extra.update(adam_sde={"ratio": ratio, "betas": betas, "eps": eps})
+        if min(betas) <= 0.0:  # kappa (1 - beta) >= 1: the SDE rule has left its range
+            log.warning(
+                "lr_scaling.adam_sde: batch ratio %g makes beta <= 0 (betas %s, clamped at 0); "
+                "the SDE rule holds for ratios below 1 / (1 - beta)",
+                ratio,
+                betas,
+            )
+        if c.lr_scaling.alpha != 0.5:
+            log.warning(
+                "lr_scaling.adam_sde=true belongs with the square-root LR rule (alpha=0.5), "
+                "not alpha=%g (Malladi et al. 2022)",
+                c.lr_scaling.alpha,
+            )
 
     pl.seed_everything(c.seed, workers=True, verbose=False)
     module = CausalLMModule(
@@ -280,6 +315,13 @@ def train(c: Config) -> dict[str, Any]:
         InstabilityDetector.from_config(c.detector), stop_on_rise=(c.task == "superconvergence")
     )
     callbacks: list[pl.Callback] = [recorder, detector]
+    noise_cb = None
+    world_micro = plan.micro_batch_size  # one micro-batch on one rank: the small batch
+    if measure_noise and c.batch_size > world_micro:
+        from batchsize_study.noise import NoiseScaleCallback
+
+        noise_cb = NoiseScaleCallback(world_micro, c.batch_size, c.noise.ema)
+        callbacks.insert(0, noise_cb)  # before the recorder: its flush reads this step's EMAs
     keep_model = c.task in ("small_batch", "large_batch")
     ckpt_dir = run_dir / "checkpoints"
     resume = None
@@ -398,6 +440,8 @@ def train(c: Config) -> dict[str, Any]:
             extra,
             recorder,
             detector,
+            noise_cb,
+            optim,
             status,
             message,
             ckpt_dir if keep_model else None,
@@ -517,6 +561,8 @@ def _existing_record(path: Path) -> dict[str, Any] | None:
 
 def _status(c: Config, trainer: pl.Trainer, detector: DestabilisationCallback) -> tuple[str, str]:
     v = detector.verdict
+    if detector.failure and c.task == "stability_probe":  # a probe that blows up has an answer
+        return "diverged", detector.failure
     if detector.failure:
         return "failed", detector.failure
     if c.task == "superconvergence":
@@ -558,6 +604,8 @@ def _record(
     extra: dict[str, Any],
     recorder: StepRecorder,
     detector: DestabilisationCallback,
+    noise_cb: Any,
+    optim: Any,
     status: str,
     message: str,
     ckpt_dir: Path | None,
@@ -616,7 +664,15 @@ def _record(
         "package_version": __version__,
         "finished_at": time.time(),
         "derivation": extra,
+        "adam_betas": list(optim.betas),
+        "adam_eps": optim.eps,
+        "adam_sde": extra.get("adam_sde"),
     }
+    if noise_cb is not None:
+        rec["gradient_noise_scale"] = noise_cb.gradient_noise_scale  # sequences
+        rec["noise"] = noise_cb.summary()
+    if c.task == "stability_probe":
+        rec["probe_multiple"] = extra.get("probe_multiple")
     if c.task == "superconvergence" and v.destabilised:
         rec.update(
             unstable_lr=v.onset_lr,
@@ -634,7 +690,7 @@ def _record(
                 extra["unstable_lr"],
                 rec["z_over_x"],
             )
-    if c.task in ("small_batch", "large_batch") and v.destabilised:
+    if c.task in ("small_batch", "large_batch", "stability_probe") and v.destabilised:
         rec["instability_warning"] = {
             "onset_step": v.onset_step,
             "onset_lr": v.onset_lr,

@@ -1,0 +1,200 @@
+"""The simple gradient noise scale, measured from gradients the run already computes.
+
+McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training") predict the critical batch
+size from B_simple = tr(Sigma) / |G|^2: the per-example gradient variance over the squared true
+gradient. Their appendix A.1 estimates both from squared gradient norms at two batch sizes:
+
+    |G|^2    ~  (B_big |g_big|^2 - B_small |g_small|^2) / (B_big - B_small)
+    tr(Sigma) ~  (|g_small|^2 - |g_big|^2) / (1/B_small - 1/B_big)
+
+Here B_small is one micro-batch on one rank (its gradient is the contribution of that micro-batch,
+read by a hook on each parameter as autograd delivers it, before it is summed into ``.grad``: no
+copy, no second backward) and B_big is the whole optimizer step (the accumulated, all-reduced
+gradient whose norm the module already measures when it clips). Both estimates are linear in the
+two squared norms, so their EMAs are kept apart and divided only when read (a ratio of EMAs, as
+the paper recommends; an EMA of ratios is biased by the noisy denominator). Everything stays on
+the device; the host sees it when the StepRecorder flushes its rows (``on_step_rows``), right after
+the recorder's own transfer has drained the stream.
+
+With one micro-batch per step on one device there is only one batch size and no estimate:
+:func:`noise_micro_batch` then splits the micro batch (``noise.split``) — the same sequences in the
+same order, the same gradient up to rounding, at the cost of smaller matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+
+def noise_micro_batch(micro_batch_size: int, accumulation: int, world_size: int, split: int) -> int:
+    """The micro batch to train with so that a step holds two batch sizes.
+
+    Unchanged when the step already has several micro-batches (accumulation > 1) or several
+    ranks; otherwise ``micro_batch_size // split`` when that divides exactly, else unchanged
+    (and the run records no noise scale).
+    """
+    if accumulation > 1 or world_size > 1 or split <= 1:
+        return micro_batch_size
+    if micro_batch_size % split or micro_batch_size // split < 1:
+        return micro_batch_size
+    return micro_batch_size // split
+
+
+def simple_noise_scale(
+    g_small_sq: float, g_big_sq: float, b_small: float, b_big: float
+) -> tuple[float, float, float]:
+    """(|G|^2, tr(Sigma), B_simple) from mean squared gradient norms at two batch sizes.
+
+    Unbiased estimators of McCandlish et al. 2018, appendix A.1 (eqs. A.2-A.3). B_simple is NaN
+    when the |G|^2 estimate is not positive (noise dominates: more steps are needed).
+    """
+    if b_big <= b_small:
+        raise ValueError(f"b_big={b_big} must exceed b_small={b_small}")
+    # |G|^2 = (B_big |g_big|^2 - B_small |g_small|^2) / (B_big - B_small)  (McCandlish A.2)
+    g2 = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
+    # tr(Sigma) = (|g_small|^2 - |g_big|^2) / (1/B_small - 1/B_big)  (McCandlish A.3)
+    trace = (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big)
+    b_simple = trace / g2 if g2 > 0 else math.nan
+    return g2, trace, b_simple
+
+
+class NoiseScaleCallback(pl.Callback):
+    """Keeps device-side EMAs of |g_small|^2 and |g_big|^2 per optimizer step.
+
+    ``b_small``: sequences in one micro-batch on one rank; ``b_big``: the effective batch.
+    ``ema``: EMA factor (bias-corrected). Results: :attr:`summary` after training.
+    """
+
+    def __init__(self, b_small: int, b_big: int, ema: float = 0.95) -> None:
+        if b_big <= b_small:
+            raise ValueError(f"no two batch sizes: b_small={b_small}, b_big={b_big}")
+        self.b_small, self.b_big, self.ema = b_small, b_big, ema
+        self._handles: list[Any] = []
+        self._micro_sq: torch.Tensor | None = None  # sum over this step's micro-batches
+        self._n_micro = 0
+        self._small: torch.Tensor | None = None  # EMA of mean |g_small|^2 (this rank)
+        self._big: torch.Tensor | None = None  # EMA of |g_big|^2
+        self._sum_small: torch.Tensor | None = None  # run totals, for the whole-run estimate
+        self._sum_big: torch.Tensor | None = None
+        self._steps = 0
+        self._last_step = -1
+        self.latest: dict[str, float] = {}
+        self.run_mean: dict[str, float] = {}
+
+    # ------------------------------------------------------------- hooks on the gradients
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dev = pl_module.device
+        self._micro_sq = torch.zeros((), device=dev, dtype=torch.float32)
+        self._small = torch.zeros((), device=dev, dtype=torch.float32)
+        self._big = torch.zeros((), device=dev, dtype=torch.float32)
+        self._sum_small = torch.zeros((), device=dev, dtype=torch.float32)
+        self._sum_big = torch.zeros((), device=dev, dtype=torch.float32)
+        self._last_step = trainer.global_step
+        seen: set[int] = set()
+        for p in pl_module.parameters():
+            if p.requires_grad and id(p) not in seen:  # tied weights: one hook, summed gradient
+                seen.add(id(p))
+                self._handles.append(p.register_hook(self._on_grad))
+
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        # The gradient of this micro-batch alone, before autograd adds it into .grad.
+        assert self._micro_sq is not None
+        self._micro_sq.add_(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square())
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._n_micro += 1
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = getattr(scaler, "_scale", None)  # fp16 AMP: hooks saw scaled gradients
+        if scale is not None and self._micro_sq is not None:
+            self._micro_sq.div_(scale.float().square())
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.global_step == self._last_step:
+            return  # still accumulating
+        self._last_step = trainer.global_step
+        big_norm = getattr(pl_module, "last_grad_norm", None)  # pre-clip norm of the step gradient
+        assert self._micro_sq is not None and self._small is not None and self._big is not None
+        n, self._n_micro = max(self._n_micro, 1), 0
+        micro_sq, self._micro_sq = self._micro_sq, torch.zeros_like(self._micro_sq)
+        if big_norm is None:
+            return
+        # Lightning divides each micro-batch loss by the accumulation count A, so a micro-batch's
+        # contribution is g_small / A.
+        acc = trainer.accumulate_grad_batches
+        small = micro_sq * (acc * acc) / n
+        big = big_norm.float().square()
+        ok = torch.isfinite(small) & torch.isfinite(big)  # a skipped step leaves the EMAs alone
+        beta = self.ema
+        self._small.copy_(torch.where(ok, beta * self._small + (1 - beta) * small, self._small))
+        self._big.copy_(torch.where(ok, beta * self._big + (1 - beta) * big, self._big))
+        assert self._sum_small is not None and self._sum_big is not None
+        self._sum_small.add_(torch.where(ok, small, torch.zeros_like(small)))
+        self._sum_big.add_(torch.where(ok, big, torch.zeros_like(big)))
+        self._steps += 1
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------- reading out
+
+    def on_step_rows(self, trainer: pl.Trainer, rows: list[dict[str, float]]) -> dict[str, float]:
+        """Called by the StepRecorder after its transfer; returns ``noise/`` metrics to log."""
+        if self._steps == 0 or self._small is None:
+            return {}
+        assert self._big is not None and self._sum_small is not None and self._sum_big is not None
+        values = torch.stack([self._small, self._big, self._sum_small, self._sum_big])
+        if trainer.world_size > 1:
+            # Per-rank micro-batch norms: the mean over ranks is the mean over all small batches
+            # (EMAs are linear, so the mean of EMAs is the EMA of means).
+            values = trainer.strategy.reduce(values, reduce_op="mean")
+        small, big, sum_small, sum_big = values.tolist()
+        correction = 1.0 - self.ema**self._steps  # bias correction of a zero-started EMA
+        g2, trace, b_simple = simple_noise_scale(
+            small / correction, big / correction, self.b_small, self.b_big
+        )
+        self.latest = {"g2": g2, "trace": trace, "b_simple": b_simple, "step": self._last_step}
+        g2m, tracem, bm = simple_noise_scale(
+            sum_small / self._steps, sum_big / self._steps, self.b_small, self.b_big
+        )
+        self.run_mean = {"g2": g2m, "trace": tracem, "b_simple": bm, "steps": self._steps}
+        out = {"noise/g2": g2, "noise/trace_sigma": trace, "noise/b_simple": b_simple}
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    def summary(self) -> dict[str, Any]:
+        """The record's ``noise`` entry (host floats, read after the last flush)."""
+        return {
+            "method": "McCandlish et al. 2018 B_simple, appendix A.1 estimators, ratio of EMAs",
+            "b_small": self.b_small,
+            "b_big": self.b_big,
+            "ema": self.ema,
+            "final": _finite_or_none(self.latest),
+            "run_mean": _finite_or_none(self.run_mean),
+        }
+
+    @property
+    def gradient_noise_scale(self) -> float | None:
+        """The final EMA estimate in sequences; None where |G|^2 was not resolved."""
+        v = self.latest.get("b_simple")
+        return v if v is not None and math.isfinite(v) and v > 0 else None
+
+
+def _finite_or_none(d: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if isinstance(v, int) or math.isfinite(v) else None) for k, v in d.items()}

@@ -1,0 +1,78 @@
+"""Batch-size ladder: the Shallue/McCandlish readings on synthetic numbers, and a smoke ladder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from batchsize_study.experiments import run
+from batchsize_study.ladder import (
+    critical_batch_verdict,
+    fit_critical_batch,
+    ladder_section,
+    regime,
+    smooth,
+    steps_to_target,
+)
+
+
+def test_fit_recovers_critical_batch():
+    # S = S_min (1 + B_crit / B) with S_min = 100, B_crit = 64 (McCandlish et al. 2018, eq. 2.11).
+    bs = [8, 16, 32, 64, 128, 256]
+    steps = [100 * (1 + 64 / b) for b in bs]
+    fit = fit_critical_batch(bs, steps)
+    assert fit is not None
+    assert fit["s_min"] == pytest.approx(100)
+    assert fit["b_crit"] == pytest.approx(64)
+    assert fit_critical_batch([8], [10]) is None  # one batch size: no fit
+    assert fit_critical_batch([8, 16], [10, 20]) is None  # more steps at larger batch: non-physical
+
+
+def test_regimes_follow_shallue():
+    assert regime(8, 200, 16, 100)[1] == "perfect scaling"
+    assert regime(8, 200, 16, 150)[1] == "diminishing returns"
+    assert regime(8, 200, 16, 195)[1] == "maximal data parallelism"
+    assert regime(8, 200, 16, 100)[0] == pytest.approx(1.0)
+
+
+def test_smoothing_and_target_and_verdict():
+    sm = smooth([4.0, 4.0, 4.0])
+    assert sm == pytest.approx([4.0, 4.0, 4.0])  # bias-corrected: no pull toward 0
+    assert steps_to_target([1, 2, 3], [3.0, 2.0, 1.0], 2.0) == 2
+    assert steps_to_target([1, 2, 3], [3.0, 2.5, 2.1], 2.0) is None
+    assert critical_batch_verdict(16, 100) == "below"
+    assert critical_batch_verdict(64, 100) == "near"
+    assert critical_batch_verdict(512, 100) == "above"
+    assert critical_batch_verdict(64, None) == "unknown"
+
+
+def test_smoke_ladder_of_three_batch_sizes_gives_both_plots(cfg_factory, tmp_path: Path):
+    study = tmp_path / "study"
+    common = ("max_steps=16", "warmup_steps=4", "val_every_steps=16", "micro_batch_size=8")
+    run(cfg_factory("experiment=small_batch", "batch_size=8", "lr=0.01", *common))
+    for b in (16, 32):
+        rec = run(cfg_factory("experiment=large_batch", f"batch_size={b}", *common))
+        assert rec["status"] == "completed"
+    md, data, pngs = ladder_section(study, tmp_path / "report")
+    assert [r["batch_size"] for r in data["rungs"]] == [8, 16, 32]
+    assert sorted(Path(p).name for p in pngs) == [
+        "ladder_loss_at_step.png",
+        "ladder_steps_to_target.png",
+    ]
+    for p in pngs:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 32 |" in md and "steps to target" in md
+    json.dumps(data)  # json-able
+    worst = max(r["final_smoothed_loss"] for r in data["rungs"])
+    assert data["target_loss"] == pytest.approx(worst)
+    assert all(r["steps_to_target"] is not None for r in data["rungs"])
+    assert data["gradient_noise_scale"] is None or data["gradient_noise_scale"] > 0
+    assert all(math.isfinite(r["loss_at_step"]["16"]) for r in data["rungs"])
+
+
+def test_ladder_section_without_runs(tmp_path: Path):
+    md, data, pngs = ladder_section(tmp_path, tmp_path / "report")
+    assert pngs == [] and "No ladder" in md and data["rungs"] == []

@@ -1,0 +1,136 @@
+"""Gradient noise scale: the estimators, the gradient hooks, and the record (incl. adam_sde)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from batchsize_study.experiments import run
+from batchsize_study.noise import NoiseScaleCallback, noise_micro_batch, simple_noise_scale
+from batchsize_study.study import adam_sde_hparams
+
+
+def test_estimators_recover_known_gradient_and_noise():
+    # Per-example gradients g_i = G + e_i with tr(Cov e) known: the appendix A.1 estimators,
+    # averaged over many batches, recover |G|^2 and tr(Sigma) (McCandlish et al. 2018).
+    gen = torch.Generator().manual_seed(0)
+    dim, b_small, b_big, n_big = 50, 4, 32, 4000
+    true_g = torch.randn(dim, generator=gen)
+    sigma = 3.0  # per-coordinate std: tr(Sigma) = dim * sigma^2
+    per_example = true_g + sigma * torch.randn(n_big, b_big, dim, generator=gen)
+    big = per_example.mean(1)  # (n_big, dim)
+    small = per_example.reshape(n_big, b_big // b_small, b_small, dim).mean(2)
+    g_small_sq = small.square().sum(-1).mean().item()
+    g_big_sq = big.square().sum(-1).mean().item()
+    g2, trace, b_simple = simple_noise_scale(g_small_sq, g_big_sq, b_small, b_big)
+    assert g2 == pytest.approx(true_g.square().sum().item(), rel=0.05)
+    assert trace == pytest.approx(dim * sigma**2, rel=0.05)
+    assert b_simple == pytest.approx(dim * sigma**2 / true_g.square().sum().item(), rel=0.08)
+    # The naive |g_small|^2 is biased by tr(Sigma)/B_small: the estimator removes it.
+    assert g_small_sq > 1.5 * g2
+
+
+def test_no_two_batch_sizes_is_refused_and_unresolved_is_nan():
+    with pytest.raises(ValueError):
+        simple_noise_scale(1.0, 1.0, 8, 8)
+    assert math.isnan(simple_noise_scale(10.0, 1.0, 1, 2)[2])  # |G|^2 estimate < 0
+
+
+def test_micro_batch_split_only_when_a_step_has_one_batch_size():
+    assert noise_micro_batch(16, 1, 1, 2) == 8
+    assert noise_micro_batch(16, 2, 1, 2) == 16  # accumulation already gives two sizes
+    assert noise_micro_batch(16, 1, 2, 2) == 16  # per-rank vs all-reduced
+    assert noise_micro_batch(15, 1, 1, 2) == 15  # no exact split: no estimate
+    assert noise_micro_batch(16, 1, 1, 1) == 16  # split off
+
+
+class _Linear(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+        self.last_grad_norm: torch.Tensor | None = None
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.lin(x), y)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):  # noqa: ANN001
+        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), math.inf)
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # frozen: gradients checkable afterwards
+
+
+def test_hooks_measure_micro_and_step_gradients(tmp_path: Path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.3 * torch.randn(16, 1)
+    loader = torch.utils.data.DataLoader(list(zip(x, y)), batch_size=4, shuffle=False)
+    module = _Linear()
+    cb = NoiseScaleCallback(b_small=4, b_big=8, ema=0.0)  # ema 0: the last step's values
+    trainer = pl.Trainer(
+        max_steps=2,
+        accumulate_grad_batches=2,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, loader)
+    cb.on_step_rows(trainer, [])
+
+    def grad(lo: int, hi: int) -> torch.Tensor:
+        module.zero_grad()
+        torch.nn.functional.mse_loss(module.lin(x[lo:hi]), y[lo:hi]).backward()
+        return torch.cat([p.grad.flatten() for p in module.parameters()])
+
+    ga, gb = grad(8, 12), grad(12, 16)  # the second step's two micro-batches
+    small = (ga.square().sum() + gb.square().sum()).item() / 2
+    big = ((ga + gb) / 2).square().sum().item()
+    g2, trace, b_simple = simple_noise_scale(small, big, 4, 8)
+    assert cb.latest["g2"] == pytest.approx(g2, rel=1e-4)
+    assert cb.latest["trace"] == pytest.approx(trace, rel=1e-4)
+    assert cb.latest["b_simple"] == pytest.approx(b_simple, rel=1e-4)
+    assert not any(p.grad is None for p in module.parameters())
+    assert cb._handles == []  # hooks removed at teardown
+
+
+def test_adam_sde_rule_matches_malladi():
+    # Malladi et al. 2022: batch x kappa -> (1 - beta) x kappa, eps / sqrt(kappa).
+    betas, eps = adam_sde_hparams([0.9, 0.95], 1e-8, 4.0)
+    assert betas == pytest.approx([0.6, 0.8])
+    assert eps == pytest.approx(5e-9)
+    assert adam_sde_hparams([0.9, 0.95], 1e-8, 1.0) == ([pytest.approx(0.9), 0.95], 1e-8)
+
+
+def test_smoke_records_carry_noise_scale_and_adam_sde(cfg_factory, tmp_path: Path):
+    """small_batch (accumulation 1: split) and large_batch with adam_sde, smoke-sized."""
+    steps = ("max_steps=20", "warmup_steps=4", "val_every_steps=20")
+    small = run(cfg_factory("experiment=small_batch", "lr=0.01", *steps))
+    assert small["status"] == "completed"
+    assert small["micro_batch_size"] == 8 and small["accumulate_grad_batches"] == 2
+    assert small["derivation"]["noise_split"] == {"micro_batch_size": 16, "split": 2}
+    gns = small["gradient_noise_scale"]
+    assert gns is not None and math.isfinite(gns) and gns > 0
+    assert small["noise"]["b_small"] == 8 and small["noise"]["b_big"] == 16
+    assert small["adam_sde"] is None and small["adam_betas"] == [0.9, 0.95]
+    large = run(
+        cfg_factory("experiment=large_batch", "batch_size=32", "lr_scaling.adam_sde=true", *steps)
+    )
+    assert large["status"] == "completed"
+    assert large["adam_sde"]["ratio"] == 2.0
+    assert large["adam_betas"] == pytest.approx([0.8, 0.9])
+    assert large["adam_eps"] == pytest.approx(1e-8 / math.sqrt(2))
+    assert large["noise"]["b_small"] == 16 and large["noise"]["b_big"] == 32
+    on_disk = json.loads(Path(large["metrics_csv"]).with_name("result.json").read_text())
+    assert on_disk["adam_betas"] == large["adam_betas"]
+    assert "gradient_noise_scale" in on_disk

@@ -1,0 +1,106 @@
+"""stability_probe: the 'stops improving' decision, its settings, and a smoke run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from batchsize_study.errors import ConfigError
+from batchsize_study.experiments import run
+from batchsize_study.probe import (
+    SUMMARY,
+    ProbeSettings,
+    analyse,
+    final_loss,
+    final_loss_se,
+    probe_section,
+    still_improving,
+)
+from batchsize_study.study import read_records
+
+
+def _p(m: float, loss: float, se: float = 0.0, destabilised: bool = False) -> dict:
+    return {"multiple": m, "final_loss": loss, "final_loss_se": se, "destabilised": destabilised}
+
+
+def test_boundary_is_where_a_higher_lr_stops_helping_for_good():
+    r = analyse(0.01, [_p(0.25, 5.0), _p(0.5, 4.5), _p(1, 4.2), _p(2, 4.4), _p(4, math.inf)])
+    assert r["last_good_multiple"] == 1 and r["first_bad_multiple"] == 2
+    assert r["boundary_lr"] == pytest.approx(0.01 * math.sqrt(2))
+    assert r["agrees_within_2x"]
+    assert [p["stops_improving"] for p in r["probes"]] == [False, False, False, True, True]
+    assert r["short_horizon_best_multiple"] == 1
+    # One worse multiple followed by a better one does not end the range.
+    r = analyse(0.01, [_p(0.25, 5.0), _p(0.5, 4.5), _p(1, 4.6), _p(2, 4.4), _p(4, 4.7)])
+    assert r["first_bad_local"] == 1 and r["first_bad_multiple"] == 4
+    assert r["boundary_lr"] == pytest.approx(0.01 * math.sqrt(8))
+    assert not r["agrees_within_2x"]  # x is 2.8x below where training stops improving
+
+
+def test_noise_tolerance_and_out_of_range():
+    noisy = analyse(0.01, [_p(1, 4.0, se=0.1), _p(2, 4.1, se=0.1)])
+    assert noisy["first_bad_multiple"] is None  # 0.1 apart, within 2 combined standard errors
+    assert noisy["boundary"] == "above the probed range" and noisy["agrees_within_2x"] is False
+    exact = analyse(0.01, [_p(1, 4.0), _p(2, 4.1)])
+    assert exact["first_bad_multiple"] == 2 and exact["agrees_within_2x"]
+    short = analyse(0.01, [_p(0.5, 5.0), _p(1, 4.5)])
+    assert short["agrees_within_2x"] is None  # still improving at 1x: undetermined
+    below = analyse(0.01, [_p(0.5, 5.0, destabilised=True), _p(1, 6.0)])
+    assert below["boundary"] == "below the probed range" and not below["agrees_within_2x"]
+
+
+def test_still_improving_reads_the_end_of_the_run():
+    falling = [6.0 - 0.01 * i for i in range(100)]
+    assert still_improving(falling, 20)
+    flat_then_up = [6.0 - 0.02 * i for i in range(50)] + [5.0 + 0.01 * i for i in range(50)]
+    assert not still_improving(flat_then_up, 20)
+    assert not still_improving(falling[:-1] + [math.nan], 20)
+
+
+def test_final_loss_and_settings():
+    assert final_loss([3.0, 2.0, 1.0], 2) == pytest.approx(1.5)
+    assert final_loss([3.0, math.nan, 1.0], 2) == math.inf
+    assert final_loss_se([1.0, 3.0], 2) == pytest.approx(1.0)  # std sqrt(2) / sqrt(2)
+    with pytest.raises(ConfigError, match="probe.multiples"):
+        ProbeSettings.from_dict({"multiples": [1.0]})
+    with pytest.raises(ConfigError, match="probe.stepz"):
+        ProbeSettings.from_dict({"stepz": 3})
+
+
+def test_smoke_stability_probe_end_to_end(cfg_factory, tmp_path: Path):
+    study = tmp_path / "study"
+    sc = run(cfg_factory("experiment=superconvergence"))
+    assert sc["status"] == "diverged"
+    summary = run(
+        cfg_factory(
+            "experiment=stability_probe",
+            "max_steps=12",
+            "warmup_steps=3",
+            "probe.multiples=[0.5,1,2]",
+            "probe.final_window=4",
+            "probe.lr_find_num_training=15",
+        )
+    )
+    assert summary["experiment"] == SUMMARY and summary["unstable_lr"] == sc["unstable_lr"]
+    runs = read_records(study, "stability_probe")
+    assert sorted(r["probe_multiple"] for r in runs) == [0.5, 1, 2]
+    for r in runs:
+        assert r["lr"] == pytest.approx(r["probe_multiple"] * sc["unstable_lr"])
+        assert r["steps_done"] == 12 or r["status"] == "diverged"
+    assert summary["lr_find"] is not None and len(summary["lr_find"]["lrs"]) == 15
+    on_disk = json.loads(Path(summary["_path"]).read_text())
+    assert on_disk["first_bad_multiple"] == summary["first_bad_multiple"]
+    md, data, pngs = probe_section(study, tmp_path / "report")
+    assert "Is x real?" in md and "lr_find" in md
+    assert data["unstable_lr"] == sc["unstable_lr"]
+    assert [Path(p).name for p in pngs] == ["stability_probe.png"] and Path(pngs[0]).exists()
+
+
+def test_probe_without_superconvergence_says_what_to_run(cfg_factory):
+    from batchsize_study.errors import UserError
+
+    with pytest.raises(UserError, match="superconvergence"):
+        run(cfg_factory("experiment=stability_probe"))
