@@ -959,7 +959,40 @@ def section_diagnostics(study: Study, ctx: ReportContext) -> Section:
     return Section("diagnostics", "Overfitting or destabilisation", "\n".join(md_lines), diags)
 
 
-for _b in (section_verdict, section_runs, section_curves, section_schedules, section_diagnostics):
+def _external(key: str, title: str, result: tuple[str, dict[str, Any], list[str]]) -> Section:
+    """Adapt a (markdown, data, PNG paths) section from another module (its own heading dropped)."""
+    md, data, pngs = result
+    lines = md.strip().splitlines()
+    if lines and lines[0].startswith("#"):
+        lines = lines[1:]
+    return Section(key, title, "\n".join(lines).strip(), data, [Path(p).name for p in pngs])
+
+
+def section_ladder(study: Study, ctx: ReportContext) -> Section:
+    """Loss and steps-to-target against batch size, beside the gradient noise scale (issue: ladder)."""
+    from batchsize_study.ladder import ladder_section
+
+    return _external("ladder", "Batch-size ladder", ladder_section(study.dir, ctx.out_dir))
+
+
+def section_probe(study: Study, ctx: ReportContext) -> Section:
+    """Whether x is real: constant-LR probes at multiples of x, and Lightning's lr_find beside it."""
+    from batchsize_study.probe import probe_section
+
+    return _external(
+        "stability_probe", "Is x real? (stability probe)", probe_section(study.dir, ctx.out_dir)
+    )
+
+
+for _b in (
+    section_verdict,
+    section_runs,
+    section_curves,
+    section_schedules,
+    section_diagnostics,
+    section_ladder,
+    section_probe,
+):
     register_section(_b)
 
 
