@@ -61,28 +61,34 @@ class StepRecorder(pl.Callback):
         log_every_steps: int = 1,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
+        warmup_steps: int = 3,
     ) -> None:
         self.csv_path = csv_path
+        # Steps whose timing holds start-up (first batch, lazy init, compilation) are left out of
+        # the throughput the record reports; they are still written to metrics.csv.
+        self.warmup_steps = warmup_steps
         self.tokens_per_step = tokens_per_step
         self.log_every_steps = log_every_steps
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self._acc: torch.Tensor | None = None
         self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
-        self._last_step = 0
+        self._last_step = self._start_step = 0
         self._t_last = 0.0
         self._t_start = 0.0
+        self._t_bar = -1.0
         self._recent: deque[float] = deque(maxlen=10)
         self._fh: Any = None
         self._writer: csv.DictWriter | None = None
         self.last_row: dict[str, float] = {}
         self.steps_recorded = 0
-        self.tokens_per_second: deque[float] = deque(maxlen=50)
+        self.tokens_per_second: deque[float] = deque(maxlen=1000)
+        self._warmup_tps: list[float] = []
         self.nonfinite_step: int | None = None
 
     # ------------------------------------------------------------- lifecycle
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self._last_step = self._start_step = trainer.global_step
         self._t_start = self._t_last = time.perf_counter()
         if trainer.is_global_zero:
             os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
@@ -101,6 +107,8 @@ class StepRecorder(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.flush(trainer, pl_module)
+        if not self.tokens_per_second:  # a run shorter than its warm-up: report what there is
+            self.tokens_per_second.extend(self._warmup_tps)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -144,9 +152,16 @@ class StepRecorder(pl.Callback):
             trainer.max_steps or 0
         ):
             self.flush(trainer, pl_module)
-            # Progress-bar values are host floats already: no extra sync.
-            pl_module.log("loss", self.last_row["train_loss"], prog_bar=True, logger=False)
-            pl_module.log("lr", self.last_row["lr"], prog_bar=True, logger=False)
+            # Progress-bar values are host floats already: no extra sync. Lightning's log() costs
+            # about a millisecond, so the bar's values are refreshed at most twice a second.
+            now = time.perf_counter()
+            if trainer.progress_bar_callback is not None and now - self._t_bar >= 0.5:
+                self._t_bar = now
+                pl_module.log_dict(
+                    {"loss": self.last_row["train_loss"], "lr": self.last_row["lr"]},
+                    prog_bar=True,
+                    logger=False,
+                )
 
     def flush(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, collective: bool = True
@@ -168,7 +183,8 @@ class StepRecorder(pl.Callback):
         now = time.perf_counter()
         tps = self.tokens_per_step * len(pending) / max(now - self._t_last, 1e-9)
         self._t_last = now
-        self.tokens_per_second.append(tps)
+        steady = pending[0][0] - self._start_step > self.warmup_steps
+        (self.tokens_per_second if steady else self._warmup_tps).append(tps)
         mfu = None
         if self.flops_per_token and self.peak_flops:
             mfu = self.flops_per_token * tps / self.peak_flops
@@ -216,7 +232,12 @@ class StepRecorder(pl.Callback):
                 for lg in trainer.loggers:
                     lg.log_metrics(metrics, step=row["step"])
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Close the training interval here, so validation time is not counted as training time.
+        self.flush(trainer, pl_module)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t_last = time.perf_counter()
         if trainer.sanity_checking or not getattr(pl_module, "last_val", None):
             return
         self.flush(trainer, pl_module)

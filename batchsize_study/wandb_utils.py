@@ -113,7 +113,10 @@ def finish_wandb(loggers: list[Any]) -> None:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish(quiet=True)
+            try:
+                wandb.finish(quiet=True)
+            except TypeError:  # wandb >= 0.2x dropped `quiet`; an unfinished run breaks the next
+                wandb.finish()
     except Exception as exc:
         log.warning("wandb.finish failed: %s", exc)
     teardown()
