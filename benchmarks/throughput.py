@@ -66,10 +66,12 @@ def main() -> None:
         flush=True,
     )
     bare, pkg, ratios, cpu_ratios = [], [], [], []
+    record: dict = {}
     for r in range(args.rounds):
         sdir = fresh_study_dir("throughput")
         c = compose(*overrides, f"study.dir={sdir}")
         p, b = lockstep_train(c, args.warmup)
+        record = (p.extra or {}).get("record", {})
         shutil.rmtree(sdir, ignore_errors=True)
         bare.append(b.tokens_per_second)
         pkg.append(p.tokens_per_second)
@@ -88,6 +90,14 @@ def main() -> None:
         f"(min {min(ratios):.3f}, max {max(ratios):.3f}); ratio of medians "
         f"{statistics.median(pkg) / statistics.median(bare):.3f}"
     )
+    fpt, peak = record.get("flops_per_token"), record.get("peak_flops")
+    if fpt and peak:
+        print(
+            f"MFU (measured {fpt / 1e6:,.2f} MFLOP/token, peak {peak / 1e12:,.2f} TFLOP/s "
+            f"for {record.get('precision')}): package {fpt * statistics.median(pkg) / peak:.2%}, "
+            f"bare {fpt * statistics.median(bare) / peak:.2%}; last record: tokens_per_second "
+            f"{record.get('tokens_per_second') or 0:,.0f}, mfu {record.get('mfu') or 0:.2%}"
+        )
     print(
         f"per-round ratio of tokens per CPU-second (insensitive to other load): median "
         f"{statistics.median(cpu_ratios):.3f} (min {min(cpu_ratios):.3f}, max {max(cpu_ratios):.3f})"
