@@ -1,6 +1,6 @@
 """Training throughput: the package against a bare PyTorch loop, side by side.
 
-    python benchmarks/throughput.py [--rounds 5] [--steps 40] [--warmup 10] [overrides ...]
+    python benchmarks/throughput.py [--rounds 3] [--steps 30] [--warmup 5] [overrides ...]
 
 (a) the package: ``experiments.run`` with the default experiment, i.e. the Lightning Trainer, the
     LightningModule, the data module, the recorder, the detector, the progress bar and the
@@ -39,9 +39,9 @@ BASE = (
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=40, help="measured optimizer steps per run")
-    ap.add_argument("--warmup", type=int, default=10, help="untimed optimizer steps per run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=30, help="measured optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps per run")
     ap.add_argument(
         "--threads",
         type=int,
