@@ -24,12 +24,12 @@ if [[ "${TINY:-0}" == "1" || "$has_gpu" != "1" ]]; then
   ROUNDS=(--rounds 1 --steps 3 --warmup 2)
   SCALE=(--sizes 32x2x2 --seq-lens 32 --steps 2 --warmup 1)
   STUDY=(trainer.accelerator=cpu)
-  LIMIT=300
+  LIMIT=600
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   MODEL=(model=gpt2_124m data.tokenizer.vocab_size=50257 batch_size=32 micro_batch_size=32)
   ROUNDS=(--rounds 2 --steps 30 --warmup 10)
-  SCALE=(--sizes 768x12x12 --seq-lens 512,1024 --steps 10 --warmup 3 data.tokenizer.vocab_size=50257 batch_size=16 micro_batch_size=16)
+  SCALE=(--sizes 768x12x12 --seq-lens 1024 --steps 10 --warmup 3 data.tokenizer.vocab_size=50257 batch_size=16 micro_batch_size=16)
   STUDY=(trainer.accelerator=gpu trainer.devices=1)
   LIMIT=240
 fi
@@ -48,16 +48,17 @@ echo "corpus ready after $((SECONDS - start))s"
 timeout "$LIMIT" python benchmarks/throughput.py "${ROUNDS[@]}" "${MODEL[@]}" 2>/dev/null \
   | tee "$OUT/throughput_eager.txt"
 echo "--- after $((SECONDS - start))s"
-timeout "$LIMIT" python benchmarks/throughput.py "${ROUNDS[@]}" "${MODEL[@]}" compile=true 2>/dev/null \
+# One round: each round compiles twice (package and bare), about a minute each on a GPU.
+timeout "$LIMIT" python benchmarks/throughput.py "${ROUNDS[@]}" --rounds 1 "${MODEL[@]}" compile=true 2>/dev/null \
   | tee "$OUT/throughput_compile.txt"
 echo "--- after $((SECONDS - start))s"
 
 # 2. Scale table around the preset.
-timeout 120 python benchmarks/scale.py "${SCALE[@]}" 2>/dev/null | tee "$OUT/scale.md"
+timeout "$LIMIT" python benchmarks/scale.py "${SCALE[@]}" 2>/dev/null | tee "$OUT/scale.md"
 echo "--- after $((SECONDS - start))s"
 
-# 3. The whole smoke study on the device.
-timeout 150 python -m batchsize_study -m debug=smoke study.dir="$OUT/smoke_study" logger=csv \
+# 3. The whole smoke study on the device (compare needs batchsize_study.report; tolerated if absent).
+timeout "$LIMIT" python -m batchsize_study -m debug=smoke study.dir="$OUT/smoke_study" logger=csv \
   trainer.enable_progress_bar=false "${STUDY[@]}" \
   experiment=superconvergence,small_batch,large_batch 2>&1 | tail -n 5 | tee "$OUT/smoke_study.txt"
 timeout 60 python -m batchsize_study debug=smoke study.dir="$OUT/smoke_study" logger=csv \

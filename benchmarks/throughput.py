@@ -95,7 +95,8 @@ def main() -> None:
         print(
             f"MFU (measured {fpt / 1e6:,.2f} MFLOP/token, peak {peak / 1e12:,.2f} TFLOP/s "
             f"for {record.get('precision')}): package {fpt * statistics.median(pkg) / peak:.2%}, "
-            f"bare {fpt * statistics.median(bare) / peak:.2%}; last record: tokens_per_second "
+            f"bare {fpt * statistics.median(bare) / peak:.2%}; the last record (its clock also ran "
+            f"through the interleaved bare steps): tokens_per_second "
             f"{record.get('tokens_per_second') or 0:,.0f}, mfu {record.get('mfu') or 0:.2%}"
         )
     print(
