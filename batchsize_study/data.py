@@ -87,7 +87,7 @@ def _list_files(cfg: DataConfig) -> tuple[str, list[str]]:
         root = stdlib_root()
         files = [
             f
-            for f in globlib.glob(os.path.join(root, cfg.glob), recursive=True)
+            for f in _glob_outside_packages(root, cfg.glob)
             if "site-packages" not in f and "dist-packages" not in f and os.path.isfile(f)
         ]
         where = f"data.source=stdlib ({root})"
@@ -125,6 +125,23 @@ def _list_files(cfg: DataConfig) -> tuple[str, list[str]]:
             f"{where}: no files matched data.glob={cfg.glob!r}; change data.glob or the path"
         )
     return root, files
+
+
+def _glob_outside_packages(root: str, pattern: str) -> list[str]:
+    """glob(root/pattern) without walking site-packages: inside a pyenv/conda stdlib folder that
+    tree holds every installed package (tens of thousands of files) and would dominate the
+    cached start, which only needs to stat the corpus."""
+    skip = ("site-packages", "dist-packages")
+    if not pattern.startswith("**/"):
+        return globlib.glob(os.path.join(root, pattern), recursive=True)
+    rest = pattern[3:]
+    found = globlib.glob(os.path.join(globlib.escape(root), rest))
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir() and entry.name not in skip:
+            found += globlib.glob(
+                os.path.join(globlib.escape(entry.path), "**", rest), recursive=True
+            )
+    return found
 
 
 def _read_text(path: str) -> str:

@@ -11,14 +11,19 @@ back to the resumed step, so a crash loses nothing that was logged.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
+import queue
+import threading
 import time
 from collections import deque
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+log = logging.getLogger(__name__)
 
 CSV_FIELDS = (
     "step",
@@ -51,6 +56,52 @@ def truncate_csv(path: str, max_step: int) -> None:
     os.replace(tmp, path)
 
 
+class _LoggerThread:
+    """Hands metrics to the loggers (wandb) from one background thread, in order.
+
+    Why: ``wandb.log`` blocks its caller on a round trip to wandb's own I/O thread, a few
+    milliseconds per call; on the training thread that is a few percent of a small model's step.
+    The queue keeps the order of calls; :meth:`drain` waits until everything queued was logged.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def put(self, loggers: list[Any], metrics: dict[str, float], step: int) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="metrics-logger", daemon=True)
+            self._thread.start()
+        self._queue.put((loggers, metrics, step))
+
+    def drain(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            return
+        done = threading.Event()
+        self._queue.put(done)
+        if not done.wait(timeout=300):
+            log.warning("the loggers did not take the queued metrics within 300s; going on")
+
+    def __getstate__(self) -> dict[str, Any]:  # a copied/pickled recorder gets its own thread
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            loggers, metrics, step = item
+            for lg in loggers:
+                try:
+                    lg.log_metrics(metrics, step=step)
+                except Exception as exc:  # a logger failing must not stop training
+                    log.warning("logger %s failed: %s", type(lg).__name__, exc)
+
+
 class StepRecorder(pl.Callback):
     """Collects one row per optimizer step; see the module docstring."""
 
@@ -61,28 +112,35 @@ class StepRecorder(pl.Callback):
         log_every_steps: int = 1,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
+        warmup_steps: int = 3,
     ) -> None:
         self.csv_path = csv_path
+        # Steps whose timing holds start-up (first batch, lazy init, compilation) are left out of
+        # the throughput the record reports; they are still written to metrics.csv.
+        self.warmup_steps = warmup_steps
         self.tokens_per_step = tokens_per_step
         self.log_every_steps = log_every_steps
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self._acc: torch.Tensor | None = None
         self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
-        self._last_step = 0
+        self._last_step = self._start_step = 0
         self._t_last = 0.0
         self._t_start = 0.0
+        self._t_bar = -1.0
         self._recent: deque[float] = deque(maxlen=10)
         self._fh: Any = None
         self._writer: csv.DictWriter | None = None
         self.last_row: dict[str, float] = {}
         self.steps_recorded = 0
-        self.tokens_per_second: deque[float] = deque(maxlen=50)
+        self.tokens_per_second: deque[float] = deque(maxlen=1000)
+        self._warmup_tps: list[float] = []
         self.nonfinite_step: int | None = None
+        self._loggers = _LoggerThread()
 
     # ------------------------------------------------------------- lifecycle
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self._last_step = self._start_step = trainer.global_step
         self._t_start = self._t_last = time.perf_counter()
         if trainer.is_global_zero:
             os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
@@ -95,12 +153,16 @@ class StepRecorder(pl.Callback):
                 self._fh.flush()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._loggers.drain()
         if self._fh is not None:
             self._fh.close()
             self._fh, self._writer = None, None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.flush(trainer, pl_module)
+        self._loggers.drain()
+        if not self.tokens_per_second:  # a run shorter than its warm-up: report what there is
+            self.tokens_per_second.extend(self._warmup_tps)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -144,9 +206,16 @@ class StepRecorder(pl.Callback):
             trainer.max_steps or 0
         ):
             self.flush(trainer, pl_module)
-            # Progress-bar values are host floats already: no extra sync.
-            pl_module.log("loss", self.last_row["train_loss"], prog_bar=True, logger=False)
-            pl_module.log("lr", self.last_row["lr"], prog_bar=True, logger=False)
+            # Progress-bar values are host floats already: no extra sync. Lightning's log() costs
+            # about a millisecond, so the bar's values are refreshed at most twice a second.
+            now = time.perf_counter()
+            if trainer.progress_bar_callback is not None and now - self._t_bar >= 0.5:
+                self._t_bar = now
+                pl_module.log_dict(
+                    {"loss": self.last_row["train_loss"], "lr": self.last_row["lr"]},
+                    prog_bar=True,
+                    logger=False,
+                )
 
     def flush(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, collective: bool = True
@@ -168,7 +237,8 @@ class StepRecorder(pl.Callback):
         now = time.perf_counter()
         tps = self.tokens_per_step * len(pending) / max(now - self._t_last, 1e-9)
         self._t_last = now
-        self.tokens_per_second.append(tps)
+        steady = pending[0][0] - self._start_step > self.warmup_steps
+        (self.tokens_per_second if steady else self._warmup_tps).append(tps)
         mfu = None
         if self.flops_per_token and self.peak_flops:
             mfu = self.flops_per_token * tps / self.peak_flops
@@ -213,10 +283,15 @@ class StepRecorder(pl.Callback):
                     metrics["throughput/mfu"] = mfu
                 if row is rows[-1]:
                     metrics.update(extra)
-                for lg in trainer.loggers:
-                    lg.log_metrics(metrics, step=row["step"])
+                if trainer.loggers:
+                    self._loggers.put(trainer.loggers, metrics, row["step"])
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Close the training interval here, so validation time is not counted as training time.
+        self.flush(trainer, pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t_last = time.perf_counter()
         if trainer.sanity_checking or not getattr(pl_module, "last_val", None):
             return
         self.flush(trainer, pl_module)
@@ -233,8 +308,9 @@ class StepRecorder(pl.Callback):
                     }
                 ]
             )
-            for lg in trainer.loggers:
-                lg.log_metrics({"val/loss": val["val/loss"], "val/ppl": val["val/ppl"]}, step=step)
+            if trainer.loggers:
+                metrics = {"val/loss": val["val/loss"], "val/ppl": val["val/ppl"]}
+                self._loggers.put(trainer.loggers, metrics, step)
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         if self._writer is None:

@@ -1,0 +1,259 @@
+"""What the benchmarks share: the real config, a bare PyTorch training loop, the package's run,
+and robust statistics.
+
+The bare loop is the reference the package is measured against: the same model class
+(``model.build_model``), the same AdamW groups, the same LR schedule, the same clipping, the
+same autocast and the same sampler order over the same token file, with nothing else: no
+Lightning, no callbacks, no loggers, no progress bar.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Benchmark the package that sits next to this folder, not whichever copy is pip-installed.
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from batchsize_study.config import Config, register_schema, validate  # noqa: E402
+
+CONF = REPO / "conf"
+
+
+def compose(*overrides: str) -> Config:
+    """The typed config exactly as ``python -m batchsize_study <overrides>`` would build it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return validate(cfg)
+
+
+def quiet_environment() -> None:
+    """Offline wandb, no hub access: benchmarks never touch the network."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@dataclass
+class Timing:
+    """Tokens/s over the measured steps (after ``warmup`` steps), and the run's start-up cost."""
+
+    tokens_per_second: float
+    seconds: float
+    steps: int
+    startup_s: float = 0.0
+    cpu_tokens_per_second: float = 0.0
+    """Tokens per second of this process's CPU time: much less sensitive than wall time to other
+    processes sharing the cores, so a cross-check of the wall-clock ratio on a busy machine."""
+    extra: dict[str, Any] | None = None
+
+
+def autocast_for(precision: str, device: torch.device):  # noqa: ANN201 - a context manager
+    """The autocast Lightning's MixedPrecision plugin wraps the training step in."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return nullcontext()
+
+
+def bare_stepper(c: Config, device: str | None = None) -> Iterator[int]:
+    """The bare loop as a generator: yields the tokens of each optimizer step once it is done
+    (after a device sync), for ``c.max_steps`` steps. Setup runs on the first ``next``."""
+    from batchsize_study.batch import plan_batch
+    from batchsize_study.data import SeededWindowSampler, TokenWindows, prepare_corpus
+    from batchsize_study.experiments import resolve_precision
+    from batchsize_study.model import build_model, param_groups
+    from batchsize_study.schedule import build_scheduler
+
+    steps = c.max_steps
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    corpus = prepare_corpus(c.data, c.model.seq_len)
+    plan = plan_batch(c.batch_size, c.micro_batch_size, 1, c.model.seq_len, steps)
+    torch.manual_seed(c.seed)
+    model = build_model(c.model, corpus.vocab_size).to(dev)
+    model.train()
+    forward = torch.compile(model) if c.compile else model
+    o = c.optim
+    opt = torch.optim.AdamW(
+        param_groups(model, o.weight_decay),
+        lr=c.lr if c.lr is not None else 1e-3,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        fused=(dev.type == "cuda") or None,
+    )
+    s = c.schedule
+    sched = build_scheduler(
+        opt,
+        warmup_steps=c.warmup_steps,
+        max_steps=steps,
+        warmup_shape=s.warmup_shape,
+        decay=s.decay,
+        min_lr_ratio=s.min_lr_ratio,
+    )
+    precision = resolve_precision(c.precision, "gpu" if dev.type == "cuda" else "cpu")
+    ds = TokenWindows(corpus.train_path, corpus.dtype, c.model.seq_len)
+    accum = plan.accumulate_grad_batches
+    sampler = SeededWindowSampler(len(ds), c.seed, steps * accum * c.micro_batch_size)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=c.micro_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        pin_memory=dev.type == "cuda",
+    )
+    max_norm = o.grad_clip if o.grad_clip is not None else float("inf")
+    batches = iter(loader)
+    for _ in range(steps):
+        for _ in range(accum):
+            batch = next(batches).to(dev, non_blocking=True)
+            with autocast_for(precision, dev):
+                logits = forward(input_ids=batch[:, :-1]).logits
+                loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)
+                )
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(dev)
+        yield plan.tokens_per_step
+
+
+def bare_train(c: Config, warmup: int, device: str | None = None) -> Timing:
+    """Train ``c.max_steps`` optimizer steps with the bare loop; time the steps after ``warmup``."""
+    t0 = time.perf_counter()
+    tokens = 0
+    t_start = cpu_start = 0.0
+    for step, n in enumerate(bare_stepper(c, device), start=1):
+        if step == warmup:
+            t_start, cpu_start = time.perf_counter(), time.process_time()
+        elif step > warmup:
+            tokens += n
+    seconds = time.perf_counter() - t_start
+    cpu = time.process_time() - cpu_start
+    return Timing(tokens / seconds, seconds, c.max_steps, t_start - t0, tokens / cpu)
+
+
+def lockstep_train(c: Config, warmup: int) -> tuple[Timing, Timing]:
+    """(package, bare) timings from one package run with the bare loop interleaved step by step.
+
+    After each package step (right after the StepRecorder's hook, i.e. after its host sync), one
+    bare step runs inside that hook; each side is charged only its own stretch of time. On a
+    machine shared with other work both therefore see the same load, millisecond by millisecond.
+    """
+    from batchsize_study.experiments import run
+    from batchsize_study.recorder import StepRecorder
+
+    bare = bare_stepper(c)
+    acc = {"pkg": [0.0, 0.0], "bare": [0.0, 0.0], "tokens": 0}
+    last = [time.perf_counter(), time.process_time()]
+    original = StepRecorder.on_train_batch_end
+
+    def hooked(self, trainer, *args, **kwargs):  # noqa: ANN001, ANN202
+        original(self, trainer, *args, **kwargs)
+        step = trainer.global_step
+        if step == 0 or self._acc is not None:  # mid-accumulation: not a step boundary
+            return
+        t1 = [time.perf_counter(), time.process_time()]
+        n = next(bare)
+        t2 = [time.perf_counter(), time.process_time()]
+        if step > warmup:
+            for i in (0, 1):
+                acc["pkg"][i] += t1[i] - last[i]
+                acc["bare"][i] += t2[i] - t1[i]
+            acc["tokens"] += n
+        last[:] = [time.perf_counter(), time.process_time()]
+
+    StepRecorder.on_train_batch_end = hooked  # type: ignore[method-assign]
+    try:
+        record = run(c)
+    finally:
+        StepRecorder.on_train_batch_end = original  # type: ignore[method-assign]
+        bare.close()
+    tok = acc["tokens"]
+    steps = record["steps_done"]
+    pkg = Timing(
+        tok / acc["pkg"][0], acc["pkg"][0], steps, 0.0, tok / acc["pkg"][1], {"record": record}
+    )
+    bar = Timing(tok / acc["bare"][0], acc["bare"][0], steps, 0.0, tok / acc["bare"][1])
+    return pkg, bar
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def package_train(c: Config, warmup: int) -> Timing:
+    """One run through ``experiments.run`` (Trainer, module, data module, every default callback
+    and logger); tokens/s between the end of step ``warmup`` and the end of the last step.
+
+    The clock is read right after the StepRecorder's per-step hook (after its host sync), by
+    wrapping that hook for the duration of the run: two clock reads per step, nothing else.
+    """
+    from batchsize_study.experiments import run
+    from batchsize_study.recorder import StepRecorder
+
+    marks: dict[int, tuple[float, float]] = {}
+    original = StepRecorder.on_train_batch_end
+
+    def timed(self, trainer, *args, **kwargs):  # noqa: ANN001, ANN202
+        original(self, trainer, *args, **kwargs)
+        marks[trainer.global_step] = (time.perf_counter(), time.process_time())
+
+    t0 = time.perf_counter()
+    StepRecorder.on_train_batch_end = timed  # type: ignore[method-assign]
+    try:
+        record = run(c)
+    finally:
+        StepRecorder.on_train_batch_end = original  # type: ignore[method-assign]
+    wall = time.perf_counter() - t0
+    last = max(marks)
+    seconds = marks[last][0] - marks[warmup][0]
+    cpu = marks[last][1] - marks[warmup][1]
+    tokens = record["tokens_per_step"] * (last - warmup)
+    return Timing(
+        tokens / seconds,
+        seconds,
+        last,
+        startup_s=wall - seconds,
+        cpu_tokens_per_second=tokens / cpu,
+        extra={"record": record},
+    )
+
+
+def fresh_study_dir(prefix: str) -> str:
+    return tempfile.mkdtemp(prefix=f"bench-{prefix}-")
+
+
+def median_spread(xs: list[float]) -> str:
+    """'median (min..max, n=k)': the median is what we compare; the range shows the noise."""
+    return f"{statistics.median(xs):,.0f} ({min(xs):,.0f}..{max(xs):,.0f}, n={len(xs)})"
+
+
+def rel_spread(xs: list[float]) -> float:
+    """(max - min) / median: the noise of a set of rounds, as a fraction."""
+    m = statistics.median(xs)
+    return (max(xs) - min(xs)) / m if m else float("nan")

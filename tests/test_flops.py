@@ -1,0 +1,96 @@
+"""FLOPs per token (measured on a meta copy vs the analytic PaLM count), the peak table, and the
+MFU and throughput that reach the logs and the record."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from batchsize_study.config import ModelConfig
+from batchsize_study.experiments import run
+from batchsize_study.flops import (
+    analytic_flops_per_token,
+    flops_per_token,
+    measured_cpu_peak,
+    measured_flops_per_token,
+    table_peak,
+)
+from batchsize_study.model import build_model
+
+
+@pytest.mark.parametrize(
+    "arch,hidden,layers,heads,seq_len,vocab",
+    [
+        ("llama", 128, 4, 4, 128, 4096),  # the default model
+        ("gpt2", 64, 2, 4, 256, 512),
+        ("llama", 96, 3, 3, 512, 1000),  # attention-heavy: T well above d
+    ],
+)
+def test_measured_flops_agree_with_palm_formula(arch, hidden, layers, heads, seq_len, vocab):
+    model = build_model(
+        ModelConfig(
+            arch=arch, hidden_size=hidden, num_layers=layers, num_heads=heads, seq_len=seq_len
+        ),
+        vocab,
+    )
+    measured = measured_flops_per_token(model, seq_len)
+    analytic = analytic_flops_per_token(model, seq_len)
+    # The counter sees only matmuls (norms, biases and activations are not in 6N's matmul count,
+    # but their parameters are): the two should agree to a few percent, and within 20 % always.
+    assert measured == pytest.approx(analytic, rel=0.2)
+    assert flops_per_token(model, seq_len) == measured
+    # The meta copy leaves the real model untouched.
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_measured_attention_term_grows_with_sequence_length():
+    """Per token, doubling T adds 12 L d T FLOPs of attention (PaLM, Appendix B): the counter
+    must see QK^T and AV, not only the weight matmuls."""
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, seq_len=512)
+    model = build_model(cfg, 512)
+    short, long = (measured_flops_per_token(model, t) for t in (128, 256))
+    assert long - short == pytest.approx(12 * 2 * 64 * 128, rel=0.05)
+
+
+def test_peak_table_matches_device_names():
+    assert table_peak("NVIDIA H200", "bf16-mixed") == 989e12
+    assert table_peak("NVIDIA H100 80GB HBM3", "bf16-mixed") == 989e12
+    assert table_peak("NVIDIA H100 PCIe", "bf16-mixed") == 756e12
+    assert table_peak("NVIDIA A100-SXM4-80GB", "32-true") == 19.5e12
+    assert table_peak("NVIDIA A10", "bf16-mixed") == 125e12  # not the A100 row
+    assert table_peak("NVIDIA GeForce RTX 4090", "16-mixed") == 165e12
+    assert table_peak("Tesla V100-SXM2-16GB", "bf16-mixed") is None  # no bf16 on Volta
+    assert table_peak("Some Future GPU", "bf16-mixed") is None
+
+
+def test_cpu_peak_is_measured_per_dtype():
+    fp32 = measured_cpu_peak.__wrapped__("fp32", size=128, seconds=0.03)
+    bf16 = measured_cpu_peak.__wrapped__("bf16", size=128, seconds=0.03)
+    assert math.isfinite(fp32) and fp32 > 0
+    assert math.isfinite(bf16) and bf16 > 0
+
+
+def test_mfu_and_throughput_in_logs_and_record(cfg_factory):
+    """Each train row of metrics.csv carries tokens/s and MFU = flops_per_token * tokens/s / peak;
+    the record reports the median over steps after the warm-up (the first interval holds the
+    start-up) and the MFU of that median."""
+    rec = run(cfg_factory("experiment=superconvergence", "lr=0.001", "peak_flops=1e12"))
+    assert rec["peak_flops"] == 1e12
+    with torch.device("cpu"):
+        model = build_model(
+            ModelConfig(hidden_size=32, num_layers=2, num_heads=2, seq_len=32),
+            rec["vocab_size"],
+        )
+    assert rec["flops_per_token"] == pytest.approx(measured_flops_per_token(model, 32))
+    with open(rec["metrics_csv"], newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["train_loss"]]
+    assert len(rows) == rec["steps_done"] == 40
+    for r in rows:
+        tps, mfu = float(r["tokens_per_second"]), float(r["mfu"])
+        assert mfu == pytest.approx(rec["flops_per_token"] * tps / 1e12)
+    steady = [float(r["tokens_per_second"]) for r in rows if int(r["step"]) > 3]
+    assert rec["tokens_per_second"] == pytest.approx(sorted(steady)[len(steady) // 2])
+    assert rec["mfu"] == pytest.approx(rec["flops_per_token"] * rec["tokens_per_second"] / 1e12)
