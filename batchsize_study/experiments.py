@@ -405,6 +405,8 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
     write_error: OSError | None = None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume[0] if resume else None)
+        if _needs_final_validation(c, trainer, recorder, detector, keep_model):
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         if keep_model and trainer.global_step > 0:
             trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
         status, message = _status(c, trainer, detector)
@@ -548,6 +550,24 @@ def _check_launcher(trainer: pl.Trainer, c: Config) -> None:
             "each DDP experiment as its own command, or use a cluster launcher "
             "(hydra/launcher=slurm) where srun starts the ranks",
         )
+
+
+def _needs_final_validation(
+    c: Config, trainer: pl.Trainer, recorder: StepRecorder, detector: Any, keep_model: bool
+) -> bool:
+    """The record's final validation loss must be the final model's: validate once more when the
+    periodic schedule did not land on the last step. Decided from the config and the step count
+    only, so every DDP rank reaches the same answer."""
+    periodic = c.val_every_steps < c.max_steps
+    return (
+        keep_model
+        and c.val_at_end
+        and periodic
+        and c.max_steps % c.val_every_steps != 0
+        and trainer.global_step == c.max_steps
+        and recorder.steps_recorded > 0
+        and detector.failure is None
+    )
 
 
 def _existing_record(path: Path) -> dict[str, Any] | None:

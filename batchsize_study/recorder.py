@@ -314,7 +314,11 @@ class StepRecorder(pl.Callback):
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         if self._writer is None:
-            return
+            if not os.path.exists(self.csv_path):
+                return
+            # A validation after fit (the final one) comes after teardown closed the file.
+            self._fh = open(self.csv_path, "a", newline="")  # noqa: SIM115 - closed in teardown
+            self._writer = csv.DictWriter(self._fh, fieldnames=CSV_FIELDS)
         for row in rows:
             self._writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS})
         self._fh.flush()

@@ -220,3 +220,22 @@ def test_param_groups_exclude_norms_biases_embeddings():
         n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
         assert n == sum(p.numel() for p in model.parameters())
         assert torch.is_tensor(emb)
+
+
+def test_final_validation_when_the_schedule_misses_the_last_step(tmp_path):
+    from conftest import make_cfg
+
+    rec = run(
+        make_cfg(
+            tmp_path,
+            "experiment=small_batch",
+            "lr=0.003",
+            "max_steps=30",
+            "val_every_steps=20",
+            "checkpoint_every_steps=50",
+        )
+    )
+    with open(rec["metrics_csv"]) as fh:
+        val = [(int(r["step"]), float(r["val_loss"])) for r in csv.DictReader(fh) if r["val_loss"]]
+    assert [s for s, _ in val] == [20, 30]
+    assert rec["final_val_loss"] == pytest.approx(val[-1][1])
