@@ -22,14 +22,14 @@ if [[ "${TINY:-0}" == "1" || "$has_gpu" != "1" ]]; then
   echo "no GPU (or TINY=1): tiny CPU run of every part"
   MODEL=(debug=smoke)
   ROUNDS=(--rounds 1 --steps 3 --warmup 2)
-  SCALE=(--sizes 32x2x2 --seq-lens 32 --steps 2 --warmup 1)
+  SCALE=(--sizes 32x2x2 --seq-lens 32 --steps 2 --warmup 1 debug=smoke)
   STUDY=(trainer.accelerator=cpu)
   LIMIT=600
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   MODEL=(model=gpt2_124m data.tokenizer.vocab_size=50257 batch_size=32 micro_batch_size=32)
   ROUNDS=(--rounds 2 --steps 30 --warmup 10)
-  SCALE=(--sizes 768x12x12 --seq-lens 1024 --steps 10 --warmup 3 data.tokenizer.vocab_size=50257 batch_size=16 micro_batch_size=16)
+  SCALE=(--sizes 768x12x12 --seq-lens 1024 --steps 10 --warmup 3 model=gpt2_124m data.tokenizer.vocab_size=50257 batch_size=16 micro_batch_size=16)
   STUDY=(trainer.accelerator=gpu trainer.devices=1)
   LIMIT=240
 fi

@@ -94,3 +94,66 @@ def test_mfu_and_throughput_in_logs_and_record(cfg_factory):
     steady = [float(r["tokens_per_second"]) for r in rows if int(r["step"]) > 3]
     assert rec["tokens_per_second"] == pytest.approx(sorted(steady)[len(steady) // 2])
     assert rec["mfu"] == pytest.approx(rec["flops_per_token"] * rec["tokens_per_second"] / 1e12)
+
+
+class _CaptureLogger:
+    """Just enough of a Lightning logger to record what the StepRecorder hands over."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.calls: list[tuple[int, dict]] = []
+        self.threads: set[str] = set()
+        self._threading = threading
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.threads.add(self._threading.current_thread().name)
+        self.calls.append((step, dict(metrics)))
+
+
+def test_loggers_get_every_step_in_order_with_mfu(tmp_path):
+    """The recorder hands metrics to the loggers from its background thread; by the end of fit
+    every step has arrived, in order, with throughput/mfu."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import Logger
+
+    from batchsize_study.recorder import StepRecorder
+
+    capture = _CaptureLogger()
+
+    class Capture(Logger):
+        name, version = "capture", 0
+
+        def log_metrics(self, metrics, step=None):  # noqa: ANN001
+            capture.log_metrics(metrics, step)
+
+        def log_hyperparams(self, params, *args, **kwargs):  # noqa: ANN001
+            pass
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001
+            return self.lin(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    rec = StepRecorder(str(tmp_path / "metrics.csv"), 8, 3, flops_per_token=100.0, peak_flops=1e6)
+    trainer = pl.Trainer(
+        max_steps=7,
+        logger=Capture(),
+        callbacks=[rec],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    data = torch.utils.data.DataLoader(torch.randn(32, 4), batch_size=2)
+    trainer.fit(Tiny(), train_dataloaders=data)
+    steps = [s for s, m in capture.calls if "train/loss" in m]
+    assert steps == list(range(1, 8))
+    assert all("throughput/mfu" in m and m["throughput/mfu"] > 0 for _, m in capture.calls)
+    assert capture.threads == {"metrics-logger"}
