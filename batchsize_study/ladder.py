@@ -127,7 +127,8 @@ def ladder_data(study_dir: str | Path, target: float | None = None) -> dict[str,
         by_batch.setdefault(int(r["batch_size"]), []).append(r)
     rungs = []
     for b in sorted(by_batch):
-        curves = [read_curve(r["metrics_csv"]) for r in by_batch[b]]
+        # metrics.csv next to its result.json: a moved or copied study still reads.
+        curves = [read_curve(Path(r["_path"]).with_name("metrics.csv")) for r in by_batch[b]]
         curves = [c for c in curves if c[0]]
         if not curves:
             continue
