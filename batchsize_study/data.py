@@ -313,15 +313,38 @@ def _settings_key(cfg: DataConfig) -> dict:
     }
 
 
+ENCODE_CHUNK_CHARS = 8_000_000
+
+
+def _chunks(docs: list[Document], max_chars: int) -> Iterator[list[Document]]:
+    """Consecutive runs of documents of about ``max_chars`` characters each."""
+    chunk: list[Document] = []
+    size = 0
+    for d in docs:
+        chunk.append(d)
+        size += len(d.text)
+        if size >= max_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
 def _encode_to_file(
     tok, docs: list[Document], eos_id: int | None, path: str, dtype: np.dtype
 ) -> int:  # noqa: ANN001
-    """Encode in chunks (Rust-parallel encode_batch) and append to one flat token file."""
+    """Encode in large chunks and append to one flat token file.
+
+    Chunks of ~8M characters: the Rust thread pool of ``encode_batch`` needs many documents per
+    call to stay busy (256-document chunks ran 1.6x slower than one ``datasets.map`` baseline on
+    the stdlib), while memory stays bounded. ``encode_batch_fast`` skips offsets we never use.
+    """
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     n = 0
     with open(path, "wb") as fh:
-        for i in range(0, len(docs), 256):
-            chunk = [split_long_runs(d.text) for d in docs[i : i + 256]]
-            encs = iter(tok.encode_batch([p for ps in chunk for p in ps], add_special_tokens=False))
+        for docs_chunk in _chunks(docs, ENCODE_CHUNK_CHARS):
+            chunk = [split_long_runs(d.text) for d in docs_chunk]
+            encs = iter(encode([p for ps in chunk for p in ps], add_special_tokens=False))
             parts = []
             for ps in chunk:
                 for _ in ps:
