@@ -21,7 +21,6 @@ import os
 import random
 import re
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from batchsize_study.errors import UserError
+from batchsize_study.study import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +44,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Serialise in memory first (as Lightning does): torch.save straight into a file turns a
         # failed write (disk full) into an opaque RuntimeError instead of an OSError.
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(buf.getbuffer())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        try:
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        write_bytes_atomic(path, buf.getbuffer())
 
 
 class StepCheckpoint(ModelCheckpoint):

@@ -26,16 +26,15 @@ FINAL_STATUSES = ("completed", "diverged", "no_divergence")
 # ---------------------------------------------------------------- files
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
     """Temp file in the same folder, fsync, rename, fsync the folder: a reader sees the old file
     or the new one, never a torn one, even across a power loss."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -50,6 +49,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """A record, written with :func:`write_bytes_atomic`."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    write_bytes_atomic(path, text.encode())
 
 
 def runs_dir(study_dir: str | os.PathLike) -> Path:
