@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> float | None:
         log.error("error: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.stdout.flush()
-        os._exit(2) if os.environ.get("BATCHSIZE_STUDY_HARD_EXIT") else sys.exit(2)
+        sys.exit(2)
     loss = (
         record.get("final_val_loss") or record.get("final_train_loss")
         if isinstance(record, dict)
