@@ -12,6 +12,29 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = ("debug=smoke", "logger=csv", "trainer.enable_progress_bar=false", "precision=32-true")
 
 
+# A short fp32 small_batch run: a checkpoint every 5 steps, validation every 10 (resume and
+# fault tests compare its per-step losses exactly).
+SHORT_RUN = (
+    "experiment=small_batch",
+    "lr=0.003",
+    "max_steps=20",
+    "warmup_steps=5",
+    "val_every_steps=10",
+    "checkpoint_every_steps=5",
+    "precision=32-true",
+)
+
+
+def assert_same_losses(metrics_csv: str | os.PathLike, reference_csv: str | os.PathLike) -> None:
+    """Every optimizer step 1..20 present, each loss equal to the reference run's to 1e-5."""
+    import pytest
+
+    mine, theirs = train_losses(metrics_csv), train_losses(reference_csv)
+    assert sorted(mine) == list(range(1, 21))
+    for step in theirs:
+        assert mine[step] == pytest.approx(theirs[step], abs=1e-5), step
+
+
 def cli_cmd(study: str | os.PathLike, *overrides: str, multirun: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "batchsize_study"]
     if multirun:

@@ -15,21 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_utils import REPO, cli, last_line, run_dirs, train_losses
+from cli_utils import REPO, SHORT_RUN, cli, last_line, run_dirs, train_losses
 
 from batchsize_study.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from batchsize_study.errors import UserError
 from batchsize_study.experiments import run
 
-SMALL = (
-    "experiment=small_batch",
-    "lr=0.003",
-    "max_steps=20",
-    "warmup_steps=5",
-    "val_every_steps=10",
-    "checkpoint_every_steps=5",
-    "precision=32-true",
-)
+SMALL = SHORT_RUN
 
 
 def _children(pid: int) -> list[str]:

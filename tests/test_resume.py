@@ -11,23 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_utils import REPO, cli, cli_cmd, run_dirs, train_losses, val_steps
+from cli_utils import (
+    REPO,
+    SHORT_RUN,
+    assert_same_losses,
+    cli,
+    cli_cmd,
+    run_dirs,
+    train_losses,
+    val_steps,
+)
 
 from batchsize_study.checkpointing import ResumeCallback, _rng_state, _set_rng_state
 from batchsize_study.config import validate
 from batchsize_study.experiments import config_hash, run
 from batchsize_study.study import make_run_id
 
-# A short small_batch run with a checkpoint every 5 steps and validation every 10.
-RUN = (
-    "experiment=small_batch",
-    "lr=0.003",
-    "max_steps=20",
-    "warmup_steps=5",
-    "val_every_steps=10",
-    "checkpoint_every_steps=5",
-    "precision=32-true",
-)
+RUN = SHORT_RUN
 
 
 def _wait_for(pred, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -72,10 +72,7 @@ def test_sigkill_then_same_command_resumes_with_identical_losses(reference, tmp_
     rec = json.loads((rd / "result.json").read_text())
     assert rec["status"] == "completed" and rec["steps_done"] == 20
 
-    mine, theirs = train_losses(rd / "metrics.csv"), train_losses(ref["metrics_csv"])
-    assert sorted(mine) == list(range(1, 21))
-    for step in theirs:
-        assert mine[step] == pytest.approx(theirs[step], abs=1e-5), step
+    assert_same_losses(rd / "metrics.csv", ref["metrics_csv"])
     assert val_steps(rd / "metrics.csv") == val_steps(ref["metrics_csv"]) == [10, 20]
     assert rec["final_val_loss"] == pytest.approx(ref["final_val_loss"], abs=1e-5)
 
@@ -163,8 +160,5 @@ def test_sigterm_checkpoints_marks_interrupted_and_resumes(reference, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rec = json.loads((rd / "result.json").read_text())
     assert rec["status"] == "completed" and rec["steps_done"] == 20
-    mine, theirs = train_losses(rd / "metrics.csv"), train_losses(ref["metrics_csv"])
-    assert sorted(mine) == list(range(1, 21))
-    for step in theirs:
-        assert mine[step] == pytest.approx(theirs[step], abs=1e-5), step
+    assert_same_losses(rd / "metrics.csv", ref["metrics_csv"])
     assert val_steps(rd / "metrics.csv") == [10, 20]
