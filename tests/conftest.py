@@ -46,12 +46,13 @@ def cfg_factory(tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def smoke_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One smoke study (superconvergence -> small_batch -> large_batch, CSV logging), built once
-    per test session in-process; tests that only read it (compare, the notebook) share it."""
+    """One smoke study (superconvergence -> small_batch -> large_batch, CSV logging, fp32 so its
+    numbers are exact), built once per test session in-process; tests that only read it
+    (compare, the notebook, the snapshot) share it."""
     from batchsize_study.experiments import run
 
     sdir = tmp_path_factory.mktemp("smoke_study")
     for exp in ("superconvergence", "small_batch", "large_batch"):
-        rec = run(make_cfg(sdir, f"experiment={exp}"))
+        rec = run(make_cfg(sdir, f"experiment={exp}", "precision=32-true"))
         assert rec["status"] in ("completed", "diverged"), rec.get("message")
     return sdir
