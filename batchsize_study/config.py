@@ -8,13 +8,20 @@ these dataclasses (or plain values), never a ``DictConfig``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from batchsize_study.errors import ConfigError
+
+
+def _check(ok: bool, key: str, value: Any, fix: str) -> None:
+    """Raise the one-line ConfigError (key, value, fix) unless ``ok``."""
+    if not ok:
+        raise ConfigError(key, value, fix)
+
 
 TASKS = ("superconvergence", "small_batch", "large_batch", "compare", "stability_probe")
 
@@ -161,6 +168,93 @@ class LoggerConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """``probe.*``: short constant-LR runs at multiples of x (experiment=stability_probe)."""
+
+    multiples: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+    """Multiples of x probed, each one short run."""
+    steps: int = 100
+    """Optimizer steps per probe."""
+    warmup: int = 10
+    """Linear warmup steps before the constant LR."""
+    final_window: int = 10
+    """The final loss of a probe is the mean of its last this many step losses."""
+    trend_window: int = 20
+    """Reported only: whether the smoothed loss still set a new best in the last this many steps
+    (clamped to steps - 1)."""
+    noise_sigmas: float = 2.0
+    """A multiple stops improving when its final loss is worse than the best lower multiple's by
+    more than this many combined standard errors."""
+    lr_find: bool = True
+    """Also run Lightning's Tuner.lr_find on the same model and data."""
+    lr_find_min_lr: float = 1e-5
+    lr_find_max_lr: float = 1.0
+    lr_find_num_training: int = 100
+
+    def __post_init__(self) -> None:
+        self.multiples = [float(m) for m in self.multiples]
+        _check(
+            len(self.multiples) >= 2 and all(m > 0 for m in self.multiples),
+            "probe.multiples",
+            self.multiples,
+            "use at least two positive multiples of x",
+        )
+        _check(self.steps >= 2, "probe.steps", self.steps, "use at least 2 optimizer steps")
+        _check(
+            0 <= self.warmup < self.steps,
+            "probe.warmup",
+            self.warmup,
+            f"use 0..probe.steps-1 ({self.steps - 1})",
+        )
+        _check(
+            1 <= self.final_window < self.steps,
+            "probe.final_window",
+            self.final_window,
+            f"use 1..probe.steps-1 ({self.steps - 1})",
+        )
+        self.trend_window = max(1, min(self.trend_window, self.steps - 1))
+        _check(
+            0 < self.lr_find_min_lr < self.lr_find_max_lr,
+            "probe.lr_find_min_lr",
+            self.lr_find_min_lr,
+            "use 0 < lr_find_min_lr < lr_find_max_lr",
+        )
+
+
+@dataclass
+class CompareConfig:
+    """``compare.*``: how experiment=compare reads and judges the runs."""
+
+    ema: float = 0.9
+    """EMA factor of the per-step training loss before runs are compared (0.9 ~ 10 steps)."""
+    confidence: float = 0.95
+    """Level of the per-step interval across seeds and of the paired test."""
+    overfit_tolerance: float = 0.01
+    """Relative rise of the validation loss above its minimum that flags overfitting."""
+    table_points: int = 8
+    """Rows of the matched-steps table (evenly spaced steps, plus every validation step)."""
+    dpi: int = 130
+    """Resolution of the report's figures."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.ema < 1, "compare.ema", self.ema, "use an EMA factor in [0, 1), e.g. 0.9")
+        _check(
+            0 < self.confidence < 1,
+            "compare.confidence",
+            self.confidence,
+            "use a level in (0, 1)",
+        )
+        _check(
+            self.overfit_tolerance >= 0,
+            "compare.overfit_tolerance",
+            self.overfit_tolerance,
+            "use 0 or a positive fraction",
+        )
+        _check(self.table_points >= 1, "compare.table_points", self.table_points, "use 1 or more")
+        _check(self.dpi >= 10, "compare.dpi", self.dpi, "use a resolution such as 130")
+
+
+@dataclass
 class Config:
     task: str = "superconvergence"
     """Which step of the procedure: set by the experiment config group."""
@@ -202,10 +296,13 @@ class Config:
     """Passed to lightning.Trainer (accelerator, devices, num_nodes, strategy, ...)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
-    probe: dict[str, Any] = field(default_factory=dict)
-    """stability_probe settings (multiples of x, steps per probe)."""
-    compare: dict[str, Any] = field(default_factory=dict)
-    """compare settings."""
+    probe: ProbeConfig = field(default_factory=lambda: ProbeConfig())
+    """experiment=stability_probe: multiples of x, steps per probe, Lightning's LR finder."""
+    compare: CompareConfig = field(default_factory=lambda: CompareConfig())
+    """experiment=compare: smoothing, confidence level, flags."""
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    """Extra Lightning callbacks, each a node with a ``_target_`` that Hydra instantiates
+    (``+callbacks.name._target_=package.Class``); appended after the study's own callbacks."""
 
 
 def register_schema() -> None:
@@ -213,9 +310,26 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-def _check(ok: bool, key: str, value: Any, fix: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, fix)
+def _refuse_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    """A key appended with ``+`` that the schema does not know would be dropped silently by
+    OmegaConf.to_object: refuse it, naming the known keys."""
+    known = {f.name: f for f in fields(schema)}
+    for key in node:
+        name = str(key)
+        if name not in known:
+            if prefix or name != "hydra":
+                raise ConfigError(
+                    f"{prefix}{name}",
+                    node.get(name),
+                    f"unknown key; use one of {', '.join(sorted(known))}",
+                )
+            continue
+        child = node._get_node(name)
+        sub = known[name].default_factory  # type: ignore[misc]
+        if isinstance(child, DictConfig) and callable(sub):
+            sample = sub()
+            if is_dataclass(sample):
+                _refuse_unknown_keys(child, type(sample), f"{prefix}{name}.")
 
 
 def validate(cfg: DictConfig | Config) -> Config:
@@ -223,6 +337,8 @@ def validate(cfg: DictConfig | Config) -> Config:
 
     Every failure is a ConfigError naming the key, its value and the fix.
     """
+    if isinstance(cfg, DictConfig):
+        _refuse_unknown_keys(cfg, Config, "")
     c: Config = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg  # type: ignore[assignment]
     _check(
         c.task in TASKS, "task", c.task, f"use one of {', '.join(TASKS)} (set by experiment=...)"

@@ -39,59 +39,15 @@ import csv
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from batchsize_study.config import Config
-from batchsize_study.errors import ConfigError
+from batchsize_study.config import Config, ProbeConfig
 
 log = logging.getLogger("batchsize_study")
 
 SUMMARY = "stability_probe_summary"
-
-
-@dataclass
-class ProbeSettings:
-    """The ``probe.*`` keys (``conf/experiment/stability_probe.yaml``)."""
-
-    multiples: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
-    steps: int = 100
-    warmup: int = 10
-    final_window: int = 10
-    trend_window: int = 20
-    noise_sigmas: float = 2.0
-    lr_find: bool = True
-    lr_find_min_lr: float = 1e-5
-    lr_find_max_lr: float = 1.0
-    lr_find_num_training: int = 100
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ProbeSettings:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"probe.{unknown[0]}", d[unknown[0]], f"use one of {sorted(known)}")
-        s = cls(**d)
-        s.multiples = [float(m) for m in s.multiples]
-        if len(s.multiples) < 2 or any(m <= 0 for m in s.multiples):
-            raise ConfigError(
-                "probe.multiples", s.multiples, "use at least two positive multiples of x"
-            )
-        if s.steps < 2:
-            raise ConfigError("probe.steps", s.steps, "use at least 2 optimizer steps")
-        if not 0 <= s.warmup < s.steps:
-            raise ConfigError("probe.warmup", s.warmup, f"use 0..probe.steps-1 ({s.steps - 1})")
-        if not 1 <= s.final_window < s.steps:
-            raise ConfigError(
-                "probe.final_window", s.final_window, f"use 1..probe.steps-1 ({s.steps - 1})"
-            )
-        s.trend_window = max(1, min(s.trend_window, s.steps - 1))  # reported only
-        if not 0 < s.lr_find_min_lr < s.lr_find_max_lr:
-            raise ConfigError(
-                "probe.lr_find_min_lr", s.lr_find_min_lr, "use 0 < lr_find_min_lr < lr_find_max_lr"
-            )
-        return s
 
 
 # ---------------------------------------------------------------- the decision (pure)
@@ -226,7 +182,7 @@ def read_losses(metrics_csv: str | Path) -> list[float]:
 # ---------------------------------------------------------------- running it
 
 
-def probe_config(c: Config, s: ProbeSettings, lr: float) -> Config:
+def probe_config(c: Config, s: ProbeConfig, lr: float) -> Config:
     """The training config of one probe: constant LR after ``s.warmup`` steps, ``s.steps`` long."""
     return replace(
         c,
@@ -251,7 +207,7 @@ def run_probe(c: Config) -> dict[str, Any]:
     )
 
     t0 = time.time()
-    s = ProbeSettings.from_dict(dict(c.probe))
+    s = c.probe
     sdir = study_dir(c)
     corpus = prepare_corpus(c.data, c.model.seq_len)
     key = compat_key(c, corpus)
@@ -297,7 +253,7 @@ def run_probe(c: Config) -> dict[str, Any]:
         "corpus_fingerprint": corpus.fingerprint,
         "unstable_lr": x,
         "lr_source": f"{up.selection} from {', '.join(up.paths)}",
-        "probe": {**vars(s)},
+        "probe": asdict(s),
         "stops_improving_definition": (
             "m stops improving when its final loss (mean of the last final_window steps) is worse "
             "than the best final loss at a lower multiple by more than noise_sigmas combined "
@@ -354,7 +310,7 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_lr_find(
-    c: Config, s: ProbeSettings, corpus: Any, x: float, sdir: str
+    c: Config, s: ProbeConfig, corpus: Any, x: float, sdir: str
 ) -> dict[str, Any] | None:
     """Lightning's ``Tuner.lr_find`` on the same model, data, batch and seed (exponential sweep,
     suggestion = steepest descent of the loss, Lightning's default); None if it fails."""

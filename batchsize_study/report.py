@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from batchsize_study.config import Config
-from batchsize_study.errors import ConfigError, UserError
+from batchsize_study.config import CompareConfig, Config
+from batchsize_study.errors import UserError
 from batchsize_study.study import read_records, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -38,38 +38,6 @@ HYPOTHESIS = "a larger batch gives a lower loss in a given number of optimizer s
 
 
 # ---------------------------------------------------------------- settings
-
-
-@dataclass
-class CompareSettings:
-    """``compare.*`` keys (conf/experiment/compare.yaml)."""
-
-    ema: float = 0.9
-    """EMA factor of the per-step training loss before runs are compared (0.9 ~ 10 steps)."""
-    confidence: float = 0.95
-    """Level of the per-step interval across seeds and of the paired test."""
-    overfit_tolerance: float = 0.01
-    """Relative rise of the validation loss above its minimum that flags overfitting."""
-    table_points: int = 8
-    """Rows of the matched-steps table (evenly spaced steps, plus every validation step)."""
-    dpi: int = 130
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CompareSettings:
-        known = {f.name for f in fields(cls)}
-        for k in d:
-            if k not in known:
-                raise ConfigError(f"compare.{k}", d[k], f"unknown key; use one of {sorted(known)}")
-        s = cls(**d)
-        if not 0 <= s.ema < 1:
-            raise ConfigError("compare.ema", s.ema, "use an EMA factor in [0, 1), e.g. 0.9")
-        if not 0 < s.confidence < 1:
-            raise ConfigError("compare.confidence", s.confidence, "use a level in (0, 1)")
-        if s.overfit_tolerance < 0:
-            raise ConfigError(
-                "compare.overfit_tolerance", s.overfit_tolerance, "use 0 or a positive fraction"
-            )
-        return s
 
 
 # ---------------------------------------------------------------- statistics
@@ -457,7 +425,7 @@ def _pairs(small: Group, large: Group) -> list[tuple[Run, Run]]:
     return paired
 
 
-def compare_view(small: Group, large: Group, by: str, s: CompareSettings) -> dict[str, Any]:
+def compare_view(small: Group, large: Group, by: str, s: CompareConfig) -> dict[str, Any]:
     """large - small along steps or tokens: where the large batch is lower, by how much, and the
     final matched point (validation loss where both have it there, smoothed train loss otherwise)."""
     pairs = _pairs(small, large)
@@ -505,7 +473,7 @@ def compare_view(small: Group, large: Group, by: str, s: CompareSettings) -> dic
 
 
 def _final_point(
-    pairs: list[tuple[Run, Run]], x: float, by: str, s: CompareSettings, paired: bool = True
+    pairs: list[tuple[Run, Run]], x: float, by: str, s: CompareConfig, paired: bool = True
 ) -> dict[str, Any]:
     vals = [(a.val_at(x, by), b.val_at(x, by)) for a, b in pairs]
     use_val = all(va is not None and vb is not None for va, vb in vals)
@@ -533,7 +501,7 @@ def _final_point(
     }
 
 
-def matched_points(small: Group, large: Group, s: CompareSettings) -> list[dict[str, Any]]:
+def matched_points(small: Group, large: Group, s: CompareConfig) -> list[dict[str, Any]]:
     """Rows of the matched-steps table: evenly spaced steps plus every validation step both
     have; the validation loss where both evaluated, the smoothed train loss otherwise."""
     pairs = _pairs(small, large) or [(a, b) for a in small.runs for b in large.runs]
@@ -624,7 +592,7 @@ class ReportContext:
     results of earlier sections (by key), so a later section can reuse them."""
 
     out_dir: Path
-    settings: CompareSettings
+    settings: CompareConfig
     results: dict[str, Any] = field(default_factory=dict)
 
     def save(self, fig: Any, name: str) -> str:
@@ -750,7 +718,7 @@ def _seed_sentence(final: dict[str, Any], n_pairs: int, level: float) -> str:
     )
 
 
-def verdict_for(study: Study, large: Group, s: CompareSettings) -> dict[str, Any]:
+def verdict_for(study: Study, large: Group, s: CompareConfig) -> dict[str, Any]:
     """The verdict on the hypothesis for one large batch size against the small baseline."""
     small = study.small
     per_step = compare_view(small, large, "step", s)
@@ -999,9 +967,9 @@ for _b in (
 # ---------------------------------------------------------------- entry point
 
 
-def build_report(study_dir: str | Path, settings: CompareSettings | None = None) -> dict[str, Any]:
+def build_report(study_dir: str | Path, settings: CompareConfig | None = None) -> dict[str, Any]:
     """Load the study, run every section, write report/ (report.md, PNGs, comparison.json)."""
-    s = settings or CompareSettings()
+    s = settings or CompareConfig()
     study = load_study(study_dir, s.ema)
     out = study.dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -1041,7 +1009,7 @@ def run_compare(c: Config) -> dict[str, Any]:
     """``experiment=compare``: write ``<study.dir>/report/`` and log the verdict."""
     from batchsize_study.experiments import study_dir
 
-    settings = CompareSettings.from_dict(dict(c.compare))
+    settings = c.compare
     comparison = build_report(study_dir(c), settings)
     out = Path(comparison["study_dir"]) / REPORT_DIR
     for comp in comparison["verdict"]["comparisons"]:

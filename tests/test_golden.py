@@ -62,9 +62,7 @@ def snapshot(sdir: Path) -> dict[str, Any]:
         exp = rec["experiment"]
         out["records"][exp] = _normalise(rec, str(sdir))
         with open(rec_path.parent / "metrics.csv", newline="") as fh:
-            rows = [
-                {k: v for k, v in r.items() if k not in VOLATILE} for r in csv.DictReader(fh)
-            ]
+            rows = [{k: v for k, v in r.items() if k not in VOLATILE} for r in csv.DictReader(fh)]
         out["metrics"][exp] = rows
     comparison = json.loads((sdir / "report" / "comparison.json").read_text())
     out["comparison"] = _normalise(comparison, str(sdir))
@@ -87,7 +85,9 @@ def _assert_same(got: Any, want: Any, where: str = "") -> None:
         except ValueError:
             assert got == want, where
         else:
-            assert g == pytest.approx(w, rel=1e-6, abs=1e-9) or (math.isnan(g) and math.isnan(w)), where
+            assert g == pytest.approx(w, rel=1e-6, abs=1e-9) or (math.isnan(g) and math.isnan(w)), (
+                where
+            )
     elif isinstance(want, float) and not isinstance(want, bool):
         assert got == pytest.approx(want, rel=1e-6, abs=1e-9), where
     else:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from batchsize_study.config import ProbeConfig
 from batchsize_study.errors import ConfigError
 from batchsize_study.experiments import run
 from batchsize_study.probe import (
     SUMMARY,
-    ProbeSettings,
     analyse,
     final_loss,
     final_loss_se,
@@ -64,10 +64,10 @@ def test_final_loss_and_settings():
     assert final_loss([3.0, 2.0, 1.0], 2) == pytest.approx(1.5)
     assert final_loss([3.0, math.nan, 1.0], 2) == math.inf
     assert final_loss_se([1.0, 3.0], 2) == pytest.approx(1.0)  # std sqrt(2) / sqrt(2)
-    with pytest.raises(ConfigError, match="probe.multiples"):
-        ProbeSettings.from_dict({"multiples": [1.0]})
-    with pytest.raises(ConfigError, match="probe.stepz"):
-        ProbeSettings.from_dict({"stepz": 3})
+    with pytest.raises(ConfigError, match=r"probe.multiples=\[1.0\]"):
+        ProbeConfig(multiples=[1.0])
+    with pytest.raises(ConfigError, match="probe.warmup=5: use 0..probe.steps-1 \\(4\\)"):
+        ProbeConfig(steps=5, warmup=5)
 
 
 def test_smoke_stability_probe_end_to_end(cfg_factory, tmp_path: Path):
@@ -77,8 +77,8 @@ def test_smoke_stability_probe_end_to_end(cfg_factory, tmp_path: Path):
     summary = run(
         cfg_factory(
             "experiment=stability_probe",
-            "max_steps=12",
-            "warmup_steps=3",
+            "probe.steps=12",
+            "probe.warmup=3",
             "probe.multiples=[0.5,1,2]",
             "probe.final_window=4",
             "probe.lr_find_num_training=15",

@@ -245,7 +245,9 @@ def test_torn_record_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture
 
 
 def test_unknown_compare_key_is_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"compare.smoothnes='x': unknown key"):
+    with pytest.raises(
+        ConfigError, match=r"compare.smoothnes='x': unknown key; use one of confidence, dpi"
+    ):
         run(make_cfg(tmp_path, "experiment=compare", "+compare.smoothnes=x"))
 
 
