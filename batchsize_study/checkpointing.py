@@ -239,27 +239,3 @@ class ResumeCallback(pl.Callback):
             with contextlib.suppress(ValueError):
                 signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
-
-
-class InjectNaN(pl.Callback):
-    """Test hook for the non-finite-loss path: at ``step`` on ``rank`` (None: all ranks) poison one
-    weight with NaN, so that rank's next loss is NaN. Enabled only by the environment variable
-    ``BATCHSIZE_STUDY_INJECT_NAN=<step>[:<rank>]``; unset in normal use."""
-
-    def __init__(self, step: int, rank: int | None) -> None:
-        self.step, self.rank = step, rank
-
-    @classmethod
-    def from_env(cls) -> InjectNaN | None:
-        spec = os.environ.get("BATCHSIZE_STUDY_INJECT_NAN")
-        if not spec:
-            return None
-        step, _, rank = spec.partition(":")
-        return cls(int(step), int(rank) if rank else None)
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int
-    ) -> None:
-        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
-            with torch.no_grad():
-                next(pl_module.parameters()).view(-1)[0] = float("nan")

@@ -310,6 +310,26 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
+DERIVED_TRAINER_KEYS = {
+    "accumulate_grad_batches": "derived from batch_size / (micro_batch_size x devices); set "
+    "batch_size and micro_batch_size instead",
+    "max_steps": "use the top-level max_steps=",
+    "max_epochs": "runs are counted in optimizer steps; use max_steps=",
+    "precision": "use the top-level precision=",
+    "val_check_interval": "use val_every_steps= (optimizer steps)",
+    "check_val_every_n_epoch": "use val_every_steps= (optimizer steps)",
+    "use_distributed_sampler": "the study's sampler shards the data itself; remove it",
+    "enable_checkpointing": "small_batch/large_batch keep a resumable checkpoint; use "
+    "checkpoint_every_steps=",
+    "callbacks": "use callbacks.<name>._target_=<package.Class> (a config node)",
+    "logger": "use logger=default|csv|wandb_online",
+    "default_root_dir": "runs are written under study.dir; use study.dir=",
+}
+"""Trainer arguments the study derives (and records): a ``trainer.*`` override would silently
+change the run while its record states the planned values, so each is refused with the key to
+use instead."""
+
+
 def _refuse_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
     """A key appended with ``+`` that the schema does not know would be dropped silently by
     OmegaConf.to_object: refuse it, naming the known keys."""
@@ -467,6 +487,8 @@ def validate(cfg: DictConfig | Config) -> Config:
     n = c.noise
     _check(0 <= n.ema < 1, "noise.ema", n.ema, "use an EMA factor in [0, 1), e.g. 0.95")
     _check(n.split >= 1, "noise.split", n.split, "use 1 (no split) or a small divisor such as 2")
+    for key, fix in DERIVED_TRAINER_KEYS.items():
+        _check(key not in c.trainer, f"trainer.{key}", c.trainer.get(key), fix)
     lg = c.logger
     _check(
         lg.wandb_mode in ("offline", "online", "disabled"),

@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 
 from batchsize_study.config import ModelConfig, OptimConfig, ScheduleConfig
 from batchsize_study.schedule import build_scheduler
+from batchsize_study.steps import StepStats
 
 
 def build_hf_config(cfg: ModelConfig, vocab_size: int):  # noqa: ANN201 - transformers.PretrainedConfig
@@ -81,7 +82,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 class CausalLMModule(pl.LightningModule):
     """Trains one causal LM. Per-step metrics are gathered by the StepRecorder callback from
-    ``last_grad_norm``/``last_lr`` and the training-step outputs, so the hot path has no host sync."""
+    :attr:`step_stats` (see :mod:`batchsize_study.steps`) and the training-step outputs, so the hot
+    path has no host sync."""
 
     def __init__(
         self,
@@ -124,8 +126,7 @@ class CausalLMModule(pl.LightningModule):
         self.model = build_model(self.model_cfg, vocab_size)
         self._forward = torch.compile(self.model) if compile else self.model
         self.val_loss = MeanMetric()
-        self.last_grad_norm: torch.Tensor | None = None
-        self.last_lr: float = 0.0
+        self.step_stats = StepStats()
         self.last_val: dict[str, float] = {}
 
     @property
@@ -156,8 +157,8 @@ class CausalLMModule(pl.LightningModule):
     ) -> None:  # noqa: ANN001
         # One fused pass both measures and clips the global norm; the norm stays on the device.
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else math.inf
-        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm).detach()
-        self.last_lr = optimizer.param_groups[0]["lr"]
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm).detach()
+        self.step_stats = StepStats(lr=optimizer.param_groups[0]["lr"], grad_norm=norm)
 
     def configure_optimizers(self) -> dict:
         o = self.optim_cfg

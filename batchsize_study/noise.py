@@ -84,16 +84,23 @@ class NoiseScaleCallback(pl.Callback):
         self._last_step = -1
         self.latest: dict[str, float] = {}
         self.run_mean: dict[str, float] = {}
+        self._restored: dict[str, Any] | None = None
 
     # ------------------------------------------------------------- hooks on the gradients
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dev = pl_module.device
-        self._micro_sq = torch.zeros((), device=dev, dtype=torch.float32)
-        self._small = torch.zeros((), device=dev, dtype=torch.float32)
-        self._big = torch.zeros((), device=dev, dtype=torch.float32)
-        self._sum_small = torch.zeros((), device=dev, dtype=torch.float32)
-        self._sum_big = torch.zeros((), device=dev, dtype=torch.float32)
+        saved = self._restored or {}
+        self._restored = None
+
+        def scalar(key: str) -> torch.Tensor:
+            return torch.tensor(float(saved.get(key, 0.0)), device=dev, dtype=torch.float32)
+
+        self._micro_sq = scalar("")
+        # A resumed run continues the EMAs and totals of the checkpoint (load_state_dict).
+        self._small, self._big = scalar("small"), scalar("big")
+        self._sum_small, self._sum_big = scalar("sum_small"), scalar("sum_big")
+        self._steps = int(saved.get("steps", 0))
         self._last_step = trainer.global_step
         seen: set[int] = set()
         for p in pl_module.parameters():
@@ -128,7 +135,7 @@ class NoiseScaleCallback(pl.Callback):
         if trainer.global_step == self._last_step:
             return  # still accumulating
         self._last_step = trainer.global_step
-        big_norm = getattr(pl_module, "last_grad_norm", None)  # pre-clip norm of the step gradient
+        big_norm = pl_module.step_stats.grad_norm  # type: ignore[attr-defined]  (steps.py)
         assert self._micro_sq is not None and self._small is not None and self._big is not None
         n, self._n_micro = max(self._n_micro, 1), 0
         micro_sq, self._micro_sq = self._micro_sq, torch.zeros_like(self._micro_sq)
@@ -148,6 +155,23 @@ class NoiseScaleCallback(pl.Callback):
         self._sum_big.add_(torch.where(ok, big, torch.zeros_like(big)))
         self._steps += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """The EMAs and run totals as host floats: a resumed run's estimate continues, not
+        restarts (checkpoints hold plain values and load with ``weights_only``)."""
+        if self._small is None:
+            return {}
+        assert self._big is not None and self._sum_small is not None and self._sum_big is not None
+        return {
+            "small": float(self._small),
+            "big": float(self._big),
+            "sum_small": float(self._sum_small),
+            "sum_big": float(self._sum_big),
+            "steps": self._steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict) or None
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for h in self._handles:
             h.remove()
@@ -155,9 +179,15 @@ class NoiseScaleCallback(pl.Callback):
 
     # ------------------------------------------------------------- reading out
 
-    def on_step_rows(self, trainer: pl.Trainer, rows: list[dict[str, float]]) -> dict[str, float]:
-        """Called by the StepRecorder after its transfer; returns ``noise/`` metrics to log."""
+    def on_step_rows(
+        self, trainer: pl.Trainer, rows: list[dict[str, float]], collective: bool = True
+    ) -> dict[str, float]:
+        """Called by the StepRecorder after its transfer; returns ``noise/`` metrics to log.
+        Without ``collective`` (the exception path) the estimate is left as last read: the
+        rank-mean would need an all-reduce the other ranks may never join."""
         if self._steps == 0 or self._small is None:
+            return {}
+        if not collective and trainer.world_size > 1:
             return {}
         assert self._big is not None and self._sum_small is not None and self._sum_big is not None
         values = torch.stack([self._small, self._big, self._sum_small, self._sum_big])

@@ -198,19 +198,20 @@ def probe_config(c: Config, s: ProbeConfig, lr: float) -> Config:
 def run_probe(c: Config) -> dict[str, Any]:
     """Run every probe (each writes its own record), Lightning's LR finder, and a summary record."""
     from batchsize_study.data import prepare_corpus
-    from batchsize_study.experiments import compat_key, config_hash, study_dir, train
+    from batchsize_study.runtime import compat_key, config_hash, study_dir
     from batchsize_study.study import (
         find_unstable_lr,
         make_run_id,
         runs_dir,
         write_json_atomic,
     )
+    from batchsize_study.training import train
 
     t0 = time.time()
     s = c.probe
     sdir = study_dir(c)
     corpus = prepare_corpus(c.data, c.model.seq_len)
-    key = compat_key(c, corpus)
+    key = compat_key(c, corpus.fingerprint)
     up = find_unstable_lr(sdir, c.seed, key, c.batch_size, c.upstream_wait_seconds)
     x = up.value
     log.info("stability probe: x = %.6g (%s); multiples %s", x, up.selection, s.multiples)
@@ -319,8 +320,8 @@ def run_lr_find(
 
     from batchsize_study.batch import plan_batch
     from batchsize_study.data import TokenDataModule
-    from batchsize_study.experiments import resolve_precision, resolve_world_size
     from batchsize_study.model import CausalLMModule
+    from batchsize_study.runtime import resolve_precision, resolve_world_size
 
     world = resolve_world_size(c.trainer)
     plan = plan_batch(c.batch_size, c.micro_batch_size, world, c.model.seq_len, c.max_steps)

@@ -23,37 +23,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from batchsize_study.metrics import CSV_FIELDS, truncate_metrics
+from batchsize_study.steps import HasStepStats, StepConsumer, StepRow
+
 log = logging.getLogger(__name__)
-
-CSV_FIELDS = (
-    "step",
-    "tokens",
-    "lr",
-    "train_loss",
-    "smoothed_loss",
-    "grad_norm",
-    "val_loss",
-    "val_ppl",
-    "tokens_per_second",
-    "mfu",
-    "elapsed_s",
-)
-
-
-def truncate_csv(path: str, max_step: int) -> None:
-    """Keep the header and rows up to ``max_step`` (a resumed run rewrites what came after)."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline="") as fh:
-        rows = [
-            r for r in csv.DictReader(fh) if r.get("step") and int(float(r["step"])) <= max_step
-        ]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
 
 
 class _LoggerThread:
@@ -103,7 +76,11 @@ class _LoggerThread:
 
 
 class StepRecorder(pl.Callback):
-    """Collects one row per optimizer step; see the module docstring."""
+    """Collects one row per optimizer step; see the module docstring.
+
+    ``consumers`` are fed every batch of rows, in the order given (the contract is
+    :class:`batchsize_study.steps.StepConsumer`); the module must publish ``step_stats``.
+    """
 
     def __init__(
         self,
@@ -113,8 +90,10 @@ class StepRecorder(pl.Callback):
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
         warmup_steps: int = 3,
+        consumers: list[StepConsumer] | None = None,
     ) -> None:
         self.csv_path = csv_path
+        self.consumers = list(consumers or [])
         # Steps whose timing holds start-up (first batch, lazy init, compilation) are left out of
         # the throughput the record reports; they are still written to metrics.csv.
         self.warmup_steps = warmup_steps
@@ -127,7 +106,6 @@ class StepRecorder(pl.Callback):
         self._t_last = 0.0
         self._t_start = 0.0
         self._t_bar = -1.0
-        self._recent: deque[float] = deque(maxlen=10)
         self._fh: Any = None
         self._writer: csv.DictWriter | None = None
         self.last_row: dict[str, float] = {}
@@ -136,21 +114,34 @@ class StepRecorder(pl.Callback):
         self._warmup_tps: list[float] = []
         self.nonfinite_step: int | None = None
         self._loggers = _LoggerThread()
+        self._trainer: pl.Trainer | None = None
+        self._module: pl.LightningModule | None = None
 
     # ------------------------------------------------------------- lifecycle
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(pl_module, HasStepStats):
+            raise TypeError(f"{type(pl_module).__name__} does not publish step_stats (steps.py)")
+        self._trainer, self._module = trainer, pl_module
         self._last_step = self._start_step = trainer.global_step
         self._t_start = self._t_last = time.perf_counter()
         if trainer.is_global_zero:
             os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
-            truncate_csv(self.csv_path, trainer.global_step)
+            truncate_metrics(self.csv_path, trainer.global_step)
             new = not os.path.exists(self.csv_path)
             self._fh = open(self.csv_path, "a", newline="")  # noqa: SIM115 - closed in teardown
             self._writer = csv.DictWriter(self._fh, fieldnames=CSV_FIELDS)
             if new:
                 self._writer.writeheader()
                 self._fh.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Called first when a checkpoint is written (the recorder precedes its consumers in the
+        callback list): flush pending rows, so the checkpoint's step is in metrics.csv and the
+        consumers' states saved next have seen it (``log_every_steps`` > 1)."""
+        if self._pending and self._trainer is not None and self._module is not None:
+            self.flush(self._trainer, self._module)
+        return {}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._loggers.drain()
@@ -194,14 +185,8 @@ class StepRecorder(pl.Callback):
         acc, self._acc = self._acc, None
         if acc is None:
             acc = torch.tensor(float("nan"), device=pl_module.device)
-        self._pending.append(
-            (
-                trainer.global_step,
-                float(getattr(pl_module, "last_lr", 0.0)),
-                acc,
-                getattr(pl_module, "last_grad_norm", None),
-            )
-        )
+        stats = pl_module.step_stats  # type: ignore[attr-defined]  (checked at train start)
+        self._pending.append((trainer.global_step, float(stats.lr), acc, stats.grad_norm))
         if len(self._pending) >= self.log_every_steps or trainer.global_step >= (
             trainer.max_steps or 0
         ):
@@ -242,7 +227,7 @@ class StepRecorder(pl.Callback):
         mfu = None
         if self.flops_per_token and self.peak_flops:
             mfu = self.flops_per_token * tps / self.peak_flops
-        rows = []
+        rows: list[StepRow] = []
         for (step, lr, _, _), loss, norm in zip(pending, values[0], values[1]):
             rows.append(
                 {
@@ -256,15 +241,11 @@ class StepRecorder(pl.Callback):
                     "elapsed_s": now - self._t_start,
                 }
             )
-            if math.isfinite(loss):
-                self._recent.append(loss)
-            elif self.nonfinite_step is None:
+            if not math.isfinite(loss) and self.nonfinite_step is None:
                 self.nonfinite_step = step
         extra: dict[str, float] = {}
-        for cb in trainer.callbacks:
-            hook = getattr(cb, "on_step_rows", None)
-            if hook is not None and cb is not self:
-                extra.update(hook(trainer, rows) or {})
+        for consumer in self.consumers:
+            extra.update(consumer.on_step_rows(trainer, rows, collective) or {})
         if "spike/smoothed_loss" in extra:
             rows[-1]["smoothed_loss"] = extra["spike/smoothed_loss"]
         self.steps_recorded += len(rows)
@@ -322,8 +303,3 @@ class StepRecorder(pl.Callback):
         for row in rows:
             self._writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS})
         self._fh.flush()
-
-    @property
-    def final_train_loss(self) -> float | None:
-        """Mean of the last (up to) 10 finite step losses: less noisy than the last step alone."""
-        return sum(self._recent) / len(self._recent) if self._recent else None

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from batchsize_study.config import CompareConfig, Config
+from batchsize_study.config import CompareConfig
 from batchsize_study.errors import UserError
 from batchsize_study.study import read_records, write_json_atomic
 
@@ -1005,12 +1005,9 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def run_compare(c: Config) -> dict[str, Any]:
+def run_compare(settings: CompareConfig, study_dir: str | Path) -> dict[str, Any]:
     """``experiment=compare``: write ``<study.dir>/report/`` and log the verdict."""
-    from batchsize_study.experiments import study_dir
-
-    settings = c.compare
-    comparison = build_report(study_dir(c), settings)
+    comparison = build_report(study_dir, settings)
     out = Path(comparison["study_dir"]) / REPORT_DIR
     for comp in comparison["verdict"]["comparisons"]:
         log.info("%s", comp["text"].replace("**", ""))

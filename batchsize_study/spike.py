@@ -12,7 +12,8 @@ fires at once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import lightning.pytorch as pl
 
@@ -121,8 +122,11 @@ class DestabilisationCallback(pl.Callback):
 
     ``stop_on_rise``: superconvergence stops at the onset's alarm; other experiments only stop on a
     non-finite loss (their record says ``failed``) and note a rise as a warning.
-    The step rows arrive from :class:`batchsize_study.logging.StepRecorder` already reduced across
-    ranks, so every rank reaches the same decision; the stop flag is also reduced for safety.
+    The step rows arrive from :class:`batchsize_study.recorder.StepRecorder` already reduced across
+    ranks (the contract is :class:`batchsize_study.steps.StepConsumer`), so every rank reaches the
+    same decision; the stop flag is also reduced for safety, except on the exception path
+    (``collective=False``), where the other ranks may not be there to join a collective.
+    The detector's state travels in the checkpoint, so a resumed run watches the same curve.
     """
 
     def __init__(self, detector: InstabilityDetector, stop_on_rise: bool) -> None:
@@ -131,7 +135,9 @@ class DestabilisationCallback(pl.Callback):
         self.verdict: Verdict = STABLE
         self.failure: str | None = None
 
-    def on_step_rows(self, trainer: pl.Trainer, rows: list[dict[str, float]]) -> dict[str, float]:
+    def on_step_rows(
+        self, trainer: pl.Trainer, rows: list[dict[str, float]], collective: bool = True
+    ) -> dict[str, float]:
         """Called by the StepRecorder with the newest rows; returns spike/ metrics to log."""
         stop = False
         for row in rows:
@@ -144,8 +150,36 @@ class DestabilisationCallback(pl.Callback):
                 stop = True
             if stop:
                 break
-        stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
+        if collective:
+            stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
         if stop:
             trainer.should_stop = True
         out = {"spike/smoothed_loss": self.detector.smoothed, "spike/best_loss": self.detector.best}
         return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values only (checkpoints load with ``weights_only``)."""
+        return {
+            "detector": {k: _plain(v) for k, v in vars(self.detector).items()},
+            "verdict": asdict(self.verdict),
+            "failure": self.failure,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for k, v in state_dict.get("detector", {}).items():
+            if k == "_verdict":
+                v = Verdict(**v)
+            elif k == "_history":
+                v = [tuple(h) for h in v]
+            setattr(self.detector, k, v)
+        if "verdict" in state_dict:
+            self.verdict = Verdict(**state_dict["verdict"])
+        self.failure = state_dict.get("failure")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Verdict):
+        return asdict(v)
+    if isinstance(v, list):
+        return [list(x) if isinstance(x, tuple) else x for x in v]
+    return v

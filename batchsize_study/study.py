@@ -8,14 +8,15 @@ import json
 import logging
 import math
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchsize_study.config import Config
 from batchsize_study.errors import ConfigError, UpstreamError
+from batchsize_study.stats import median
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +159,11 @@ def _choose(usable: list[dict[str, Any]], seed: int, field: str) -> Upstream:
     if same:
         rec = same[-1]
         return Upstream(float(rec[field]), [rec], f"same seed ({seed})")
-    values = sorted(float(r[field]) for r in usable)
-    median = statistics.median(values)
-    return Upstream(median, usable, f"median of {len(usable)} records (no record with seed {seed})")
+    return Upstream(
+        median(float(r[field]) for r in usable),
+        usable,
+        f"median of {len(usable)} records (no record with seed {seed})",
+    )
 
 
 def find_unstable_lr(
@@ -224,3 +227,71 @@ def check_step_budget(
                 f"the small_batch run used {key}={theirs}; use {key}={theirs} so both are compared at equal "
                 "optimizer steps, or allow_step_mismatch=true to compare anyway (recorded)",
             )
+
+
+# ---------------------------------------------------------------- the x -> y -> z chain
+
+
+@dataclass
+class LRChoice:
+    """The peak LR of a run, where it came from (``lr_source``), and what it was derived from."""
+
+    peak_lr: float
+    source: str
+    derivation: dict[str, Any]
+
+
+def derive_lr(c: Config, sdir: str, key: str) -> LRChoice:
+    """The peak LR of this run: given (superconvergence, probes, an explicit ``lr``) or derived
+    from the study's records (small_batch: y = lr_factor * x; large_batch: z = y (B/B_small)^alpha)."""
+    extra: dict[str, Any] = {}
+    if c.task == "superconvergence":
+        return LRChoice(float(c.lr), "given: the too-high warmup target (lr)", extra)  # type: ignore[arg-type]
+    if c.task == "stability_probe":  # batchsize_study.probe sets lr = multiple * x
+        return LRChoice(float(c.lr), "given: stability probe, lr = multiple * x", extra)  # type: ignore[arg-type]
+    if c.task == "small_batch":
+        if c.lr is not None:
+            return LRChoice(c.lr, "given: lr on the command line/config", extra)
+        up = find_unstable_lr(sdir, c.seed, key, c.batch_size, c.upstream_wait_seconds)
+        y = small_batch_lr(up.value, c.lr_factor)
+        extra.update(unstable_lr=up.value, lr_factor=c.lr_factor, upstream=up.paths)
+        return LRChoice(
+            y,
+            f"derived: y = {c.lr_factor} * x, x = {up.value:.6g} ({up.selection}) from {', '.join(up.paths)}",
+            extra,
+        )
+    # large_batch
+    try:
+        small_up: Upstream | None = find_small_batch(sdir, c.seed, key, c.upstream_wait_seconds)
+    except UpstreamError:
+        if c.lr is None:
+            raise
+        small_up = None
+    if small_up is not None:
+        small = small_up.records[-1]
+        check_step_budget(small, c.max_steps, c.warmup_steps, c.allow_step_mismatch)
+        xs = [float(r["unstable_lr"]) for r in small_up.records if r.get("unstable_lr")]
+        extra.update(
+            small_batch_size=int(small["batch_size"]),
+            small_lr=small_up.value,
+            small_max_steps=small.get("max_steps"),
+            small_warmup_steps=small.get("warmup_steps"),
+            unstable_lr=median(xs) if xs else None,
+            lr_scaling_alpha=c.lr_scaling.alpha,
+            upstream=small_up.paths,
+        )
+    if c.lr is not None:
+        return LRChoice(c.lr, "given: lr on the command line/config", extra)
+    assert small_up is not None
+    b_small = extra["small_batch_size"]
+    if c.batch_size == b_small:
+        log.warning(
+            "large_batch has the same batch_size=%d as the small run; the comparison is void",
+            c.batch_size,
+        )
+    z = large_batch_lr(small_up.value, b_small, c.batch_size, c.lr_scaling.alpha)
+    source = (
+        f"derived: z = y * (B_large/B_small)^alpha = {small_up.value:.6g} * ({c.batch_size}/{b_small})"
+        f"^{c.lr_scaling.alpha} ({small_up.selection}) from {', '.join(small_up.paths)}"
+    )
+    return LRChoice(z, source, extra)

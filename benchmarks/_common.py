@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,15 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Benchmark the package that sits next to this folder, not whichever copy is pip-installed.
+import torch
+import torch.nn.functional as F
+
+from batchsize_study.config import Config, register_schema, validate
+
+# The package is imported as installed (`pip install -e .` from this checkout): no sys.path edits.
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from batchsize_study.config import Config, register_schema, validate  # noqa: E402
 
 CONF = REPO / "conf"
 
@@ -82,8 +79,8 @@ def bare_stepper(c: Config, device: str | None = None) -> Iterator[int]:
     (after a device sync), for ``c.max_steps`` steps. Setup runs on the first ``next``."""
     from batchsize_study.batch import plan_batch
     from batchsize_study.data import SeededWindowSampler, TokenWindows, prepare_corpus
-    from batchsize_study.experiments import resolve_precision
     from batchsize_study.model import build_model, param_groups
+    from batchsize_study.runtime import resolve_precision
     from batchsize_study.schedule import build_scheduler
 
     steps = c.max_steps

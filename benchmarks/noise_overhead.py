@@ -13,15 +13,12 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from batchsize_study.config import ModelConfig  # noqa: E402
-from batchsize_study.model import build_model  # noqa: E402
-from batchsize_study.noise import NoiseScaleCallback  # noqa: E402
+from batchsize_study.config import ModelConfig
+from batchsize_study.model import build_model
+from batchsize_study.noise import NoiseScaleCallback
 
 MODELS = {
     "smoke (h32 L2 seq32 V512)": (

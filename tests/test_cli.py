@@ -44,7 +44,7 @@ def test_impossible_batch_split_names_both(tmp_path):
 
 def test_unknown_experiment_lists_the_choices(tmp_path):
     p = cli("experiment=nope", study=tmp_path)
-    assert p.returncode != 0
+    assert p.returncode == 2
     line = last_line(p)
     assert line.startswith("error:") and "experiment=nope" in line
     for choice in ("superconvergence", "small_batch", "large_batch"):
@@ -61,4 +61,22 @@ def test_missing_text_corpus_is_a_clear_error(tmp_path):
 
 def test_wrong_type_names_the_key(tmp_path):
     p = cli("batch_size=abc", study=tmp_path)
-    assert p.returncode != 0 and "batch_size" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    line = last_line(p)
+    assert line.startswith("error: batch_size") and "abc" in line
+
+
+def test_trainer_override_of_a_derived_argument_is_refused(tmp_path):
+    """+trainer.accumulate_grad_batches would silently replace the derived accumulation while
+    the record states the planned one."""
+    p = cli("+trainer.accumulate_grad_batches=3", study=tmp_path)
+    assert p.returncode == 2
+    line = last_line(p)
+    assert line.startswith("error: trainer.accumulate_grad_batches=3:") and "batch_size" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_appended_key_is_refused(tmp_path):
+    p = cli("+model.hiden_size=64", study=tmp_path)
+    assert p.returncode == 2
+    assert last_line(p).startswith("error: model.hiden_size=64: unknown key; use one of")

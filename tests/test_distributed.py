@@ -4,6 +4,7 @@ refusals that keep records correct, Hydra's submitit launcher, and the SLURM lau
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from cli_utils import cli, last_line, run_dirs, train_losses, val_steps
@@ -54,7 +55,10 @@ def test_ddp_nan_on_one_rank_stops_both(tmp_path):
         study,
         *DDP,
         "trainer=ddp_cpu",
-        env={"BATCHSIZE_STUDY_INJECT_NAN": "3:1"},  # poison a weight on rank 1 only
+        "+callbacks.nan._target_=faults.InjectNaN",  # poison a weight on rank 1 only
+        "+callbacks.nan.step=3",
+        "+callbacks.nan.rank=1",
+        env={"PYTHONPATH": str(Path(__file__).parent)},
         timeout=240,  # a rank waiting on the other would hang here
     )
     assert res.returncode == 0, res.stderr[-3000:]

@@ -148,9 +148,17 @@ def test_nonfinite_loss_fails_the_run_with_step_and_reason(cfg_factory):
     assert f"at step {rec['failed_step']}" in rec["message"]
 
 
-def test_injected_nan_stops_large_batch_at_that_step(cfg_factory, monkeypatch):
-    monkeypatch.setenv("BATCHSIZE_STUDY_INJECT_NAN", "3")
-    rec = run(cfg_factory(*SMALL, "experiment=large_batch", "batch_size=32", "micro_batch_size=16"))
+def test_injected_nan_stops_large_batch_at_that_step(cfg_factory):
+    rec = run(
+        cfg_factory(
+            *SMALL,
+            "experiment=large_batch",
+            "batch_size=32",
+            "micro_batch_size=16",
+            "+callbacks.nan._target_=faults.InjectNaN",  # a test callback, added through config
+            "+callbacks.nan.step=3",
+        )
+    )
     assert rec["status"] == "failed" and rec["experiment"] == "large_batch"
     assert rec["failed_step"] == rec["steps_done"] == 4  # the 4th optimizer step saw the NaN
     assert "non-finite training loss (nan) at step 4" in rec["message"]

@@ -50,6 +50,7 @@ def _normalise(obj: Any, sdir: str) -> Any:
         return [_normalise(v, sdir) for v in obj]
     if isinstance(obj, str):
         s = obj.replace(sdir, "<study>")
+        s = re.sub(r"(-seed\d+)-[0-9a-f]{10}\b", r"\1-<hash>", s)  # run ids carry the config hash
         return re.sub(r"runs/[^/\s,)]+/", "runs/<run>/", s)
     return obj
 

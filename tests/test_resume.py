@@ -24,7 +24,8 @@ from cli_utils import (
 
 from batchsize_study.checkpointing import ResumeCallback, _rng_state, _set_rng_state
 from batchsize_study.config import validate
-from batchsize_study.experiments import config_hash, run
+from batchsize_study.experiments import run
+from batchsize_study.runtime import config_hash
 from batchsize_study.study import make_run_id
 
 RUN = SHORT_RUN
@@ -162,3 +163,33 @@ def test_sigterm_checkpoints_marks_interrupted_and_resumes(reference, tmp_path):
     assert rec["status"] == "completed" and rec["steps_done"] == 20
     assert_same_losses(rd / "metrics.csv", ref["metrics_csv"])
     assert val_steps(rd / "metrics.csv") == [10, 20]
+
+
+def test_resume_late_in_the_run_keeps_whole_run_state(reference, tmp_path):
+    """Resumed 5 steps before the end: the record's final train loss is the mean of the last 10
+    steps of the whole run (not of the 5 run since the resume), and the noise-scale EMAs and the
+    detector's smoothed loss continue from the checkpoint instead of restarting."""
+    import shutil
+
+    from conftest import make_cfg
+
+    from batchsize_study.metrics import read_metrics
+
+    ref_dir = Path(reference["metrics_csv"]).parent
+    study = tmp_path / "late"
+    run_dir = study / "runs" / ref_dir.name
+    shutil.copytree(ref_dir, run_dir)
+    (run_dir / "result.json").unlink()
+    for late in ("last.ckpt", "step000020.ckpt"):
+        (run_dir / "checkpoints" / late).unlink()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == ["step000015.ckpt"]
+
+    rec = run(make_cfg(study, *RUN))
+    assert rec["status"] == "completed" and rec["steps_done"] == 20
+    assert_same_losses(run_dir / "metrics.csv", reference["metrics_csv"])
+    assert rec["final_train_loss"] == pytest.approx(reference["final_train_loss"], abs=1e-6)
+    got, want = rec["noise"]["final"], reference["noise"]["final"]
+    assert got["g2"] == pytest.approx(want["g2"], rel=1e-4)
+    assert rec["noise"]["run_mean"]["steps"] == reference["noise"]["run_mean"]["steps"] == 20
+    smoothed = read_metrics(run_dir / "metrics.csv").smoothed_loss
+    assert smoothed[-1] == pytest.approx(read_metrics(reference["metrics_csv"]).smoothed_loss[-1])

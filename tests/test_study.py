@@ -1,13 +1,14 @@
 """LR derivation (pure) and upstream record selection."""
 
 import json
-import math
 
 import pytest
 
+from batchsize_study.config import Config
 from batchsize_study.errors import ConfigError, UpstreamError
 from batchsize_study.study import (
     check_step_budget,
+    derive_lr,
     find_small_batch,
     find_unstable_lr,
     large_batch_lr,
@@ -100,4 +101,30 @@ def test_step_budget_mismatch_is_refused_unless_allowed():
         check_step_budget(small, 200, 10, allow=False)
     assert "max_steps=200" in str(e.value) and "allow_step_mismatch" in str(e.value)
     check_step_budget(small, 200, 10, allow=True)
-    assert math.isfinite(large_batch_lr(1.0, 1, 1, 0.5))
+    assert large_batch_lr(1.0, 1, 1, 0.5) == 1.0  # the same batch: z = y exactly
+
+
+def test_derived_lrs_are_exact_and_use_one_median(tmp_path):
+    """small_batch: y = lr_factor * x exactly; large_batch: z = y (B/B_small)^alpha exactly, and
+    the x it reports is the same median the small run's selection uses (not the upper middle)."""
+    _rec(tmp_path, "sc1", seed=1, unstable_lr=0.1)
+    _rec(tmp_path, "sc2", seed=2, unstable_lr=0.3)
+    small = derive_lr(Config(task="small_batch", seed=7, batch_size=16), str(tmp_path), "k")
+    assert small.peak_lr == 0.5 * 0.2 and small.derivation["unstable_lr"] == 0.2
+    assert "median of 2 records" in small.source
+    for name, seed, x, y in (("sb1", 1, 0.1, 0.05), ("sb2", 2, 0.3, 0.15)):
+        _rec(
+            tmp_path,
+            name,
+            experiment="small_batch",
+            status="completed",
+            seed=seed,
+            unstable_lr=x,
+            lr=y,
+            max_steps=300,
+            warmup_steps=30,
+        )
+    large = derive_lr(Config(task="large_batch", seed=7, batch_size=64), str(tmp_path), "k")
+    assert large.derivation["small_lr"] == 0.1  # median of y = 0.05, 0.15
+    assert large.derivation["unstable_lr"] == 0.2  # median of x = 0.1, 0.3 (was 0.3)
+    assert large.peak_lr == 0.1 * (64 / 16) ** 0.5

@@ -1,0 +1,136 @@
+"""Where and how a run executes: the study folder, precision, world size, and the hashes that
+name a run and say which records are comparable."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from batchsize_study.config import Config
+from batchsize_study.errors import UserError
+from batchsize_study.study import runs_dir, stable_hash
+
+# Keys that do not change what a run computes: excluded from its configuration hash.
+_NOT_HASHED = (
+    "study",
+    "logger",
+    "force",
+    "upstream_wait_seconds",
+    "checkpoint_every_steps",
+    "compare",
+)
+_NOT_HASHED_DATA = ("cache_dir", "num_workers")
+_NOT_HASHED_TRAINER = ("enable_progress_bar", "enable_model_summary")
+
+WRITE_ERRNOS = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.ENOTDIR,
+)
+"""OSErrors that mean 'this folder cannot take a file': a user's problem, told in one line."""
+
+
+def study_dir(c: Config) -> str:
+    """``study.dir`` as an absolute path (relative to the launch directory under Hydra)."""
+    try:
+        from hydra.utils import to_absolute_path
+
+        return to_absolute_path(c.study.dir)
+    except ValueError:  # not under Hydra
+        return os.path.abspath(c.study.dir)
+
+
+def cpu_supports_bf16() -> bool:
+    """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX): there bf16 autocast is several
+    times faster than fp32; on older CPUs it is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(setting: str, accelerator: str | None) -> str:
+    """auto: bf16-mixed where the hardware runs bf16 matmuls natively (AMX/AVX512-BF16 CPUs,
+    Ampere+ GPUs), 16-mixed on older GPUs, else fp32."""
+    if setting != "auto":
+        return setting
+    use_cuda = torch.cuda.is_available() and accelerator in (None, "auto", "gpu", "cuda")
+    if use_cuda:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if cpu_supports_bf16():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def resolve_world_size(trainer_cfg: dict[str, Any]) -> int:
+    """devices x num_nodes as Lightning will resolve them (checked against the Trainer later)."""
+    devices = trainer_cfg.get("devices", "auto")
+    accelerator = trainer_cfg.get("accelerator", "auto")
+    gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
+    if isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif devices in ("auto", None):
+        n = gpus if gpus else 1
+    elif isinstance(devices, str):
+        n = len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    else:
+        n = int(devices)
+    if n == -1:
+        n = gpus if gpus else (os.cpu_count() or 1)
+    return n * int(trainer_cfg.get("num_nodes", 1))
+
+
+def config_hash(c: Config, peak_lr: float) -> str:
+    """A hash of everything that changes what the run computes (the peak LR included)."""
+    d = OmegaConf.to_container(OmegaConf.structured(c), resolve=True)
+    assert isinstance(d, dict)
+    for k in _NOT_HASHED:
+        d.pop(k, None)
+    for k in _NOT_HASHED_DATA:
+        d["data"].pop(k, None)
+    for k in _NOT_HASHED_TRAINER:
+        d["trainer"].pop(k, None)
+    d["lr"] = peak_lr
+    return stable_hash(d)
+
+
+def compat_key(c: Config, corpus_fingerprint: str) -> str:
+    """Records are comparable when model, corpus, tokenizer and sequence length agree."""
+    return stable_hash({"model": asdict(c.model), "corpus": corpus_fingerprint})
+
+
+def check_writable(sdir: str) -> None:
+    """Fail before any work when the study folder cannot take a file (read-only, not a folder).
+
+    Folders created only for the probe are removed again, so a run refused later (a missing
+    upstream record, a bad split) leaves nothing behind.
+    """
+    runs = runs_dir(sdir)
+    created = [p for p in (runs, *runs.parents) if not p.exists()]
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=runs)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(
+            f"study.dir={sdir}: cannot write there ({exc.strerror or exc}); choose a writable folder "
+            "with study.dir=<path>"
+        ) from None
+    finally:
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
