@@ -53,6 +53,28 @@ class OptimConfig:
     grad_clip: float | None = 1.0
     """Global-norm clip; null disables clipping (the norm is still measured and logged)."""
 
+    def __post_init__(self) -> None:
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            self.betas,
+            "use two numbers in [0, 1)",
+        )
+        _check(self.eps > 0, "optim.eps", self.eps, "use a small positive number such as 1e-8")
+        _check(
+            self.weight_decay >= 0,
+            "optim.weight_decay",
+            self.weight_decay,
+            "use 0 or a positive number",
+        )
+        if self.grad_clip is not None:
+            _check(
+                self.grad_clip > 0,
+                "optim.grad_clip",
+                self.grad_clip,
+                "use a positive norm, or null for no clipping",
+            )
+
 
 @dataclass
 class ScheduleConfig:
@@ -97,6 +119,15 @@ class NoiseConfig:
     batch is run as this many smaller micro-batches (the same sequences, the same gradient up to
     rounding). 1 turns the split off, and such runs then record no noise scale."""
 
+    def __post_init__(self) -> None:
+        _check(0 <= self.ema < 1, "noise.ema", self.ema, "use an EMA factor in [0, 1), e.g. 0.95")
+        _check(
+            self.split >= 1,
+            "noise.split",
+            self.split,
+            "use 1 (no split) or a small divisor such as 2",
+        )
+
 
 @dataclass
 class ModelConfig:
@@ -115,6 +146,17 @@ class ModelConfig:
     """sdpa (fused attention kernels) or eager."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Any other field of the Hugging Face config, passed through."""
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "seq_len"):
+            value = getattr(self, key)
+            _check(value >= 1, f"model.{key}", value, "use a positive integer")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "model.num_heads",
+            self.num_heads,
+            f"must divide model.hidden_size={self.hidden_size}",
+        )
 
 
 @dataclass
@@ -165,6 +207,20 @@ class LoggerConfig:
     """Seconds to wait for an online wandb before falling back to offline."""
     log_every_steps: int = 1
     """Per-step metrics reach the host in batches of this many steps (one sync per batch)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.wandb_mode in ("offline", "online", "disabled"),
+            "logger.wandb_mode",
+            self.wandb_mode,
+            "use offline, online or disabled",
+        )
+        _check(
+            self.log_every_steps >= 1,
+            "logger.log_every_steps",
+            self.log_every_steps,
+            "use a positive number",
+        )
 
 
 @dataclass
@@ -398,22 +454,6 @@ def validate(cfg: DictConfig | Config) -> Config:
         c.upstream_wait_seconds,
         "use 0 (fail at once) or a number of seconds",
     )
-    o = c.optim
-    _check(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-        "optim.betas",
-        o.betas,
-        "use two numbers in [0, 1)",
-    )
-    _check(o.eps > 0, "optim.eps", o.eps, "use a small positive number such as 1e-8")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "use 0 or a positive number")
-    if o.grad_clip is not None:
-        _check(
-            o.grad_clip > 0,
-            "optim.grad_clip",
-            o.grad_clip,
-            "use a positive norm, or null for no clipping",
-        )
     s = c.schedule
     _check(
         s.warmup_shape in ("linear", "cosine", "exponential"),
@@ -438,15 +478,6 @@ def validate(cfg: DictConfig | Config) -> Config:
     )
     _check(d.patience >= 1, "detector.patience", d.patience, "use a positive number of steps")
     _check(d.ignore_first >= 0, "detector.ignore_first", d.ignore_first, "use 0 or more steps")
-    m = c.model
-    for key in ("hidden_size", "num_layers", "num_heads", "seq_len"):
-        _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "use a positive integer")
-    _check(
-        m.hidden_size % m.num_heads == 0,
-        "model.num_heads",
-        m.num_heads,
-        f"must divide model.hidden_size={m.hidden_size}",
-    )
     dt = c.data
     _check(
         dt.source in ("stdlib", "text", "hub"),
@@ -484,22 +515,6 @@ def validate(cfg: DictConfig | Config) -> Config:
         _check(
             bool(t.name), "data.tokenizer.name", t.name, "give a hub id or a tokenizer.json path"
         )
-    n = c.noise
-    _check(0 <= n.ema < 1, "noise.ema", n.ema, "use an EMA factor in [0, 1), e.g. 0.95")
-    _check(n.split >= 1, "noise.split", n.split, "use 1 (no split) or a small divisor such as 2")
     for key, fix in DERIVED_TRAINER_KEYS.items():
         _check(key not in c.trainer, f"trainer.{key}", c.trainer.get(key), fix)
-    lg = c.logger
-    _check(
-        lg.wandb_mode in ("offline", "online", "disabled"),
-        "logger.wandb_mode",
-        lg.wandb_mode,
-        "use offline, online or disabled",
-    )
-    _check(
-        lg.log_every_steps >= 1,
-        "logger.log_every_steps",
-        lg.log_every_steps,
-        "use a positive number",
-    )
     return c
