@@ -75,7 +75,7 @@ def run(cfg: DictConfig | Config) -> dict[str, Any]:
     if c.task == "compare":
         from batchsize_study.report import run_compare
 
-        return run_compare(c)
+        return run_compare(study_dir(c), c.compare)
     if c.task == "stability_probe":
         from batchsize_study.probe import run_probe
 

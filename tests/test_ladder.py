@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from batchsize_study.config import CompareConfig
 from batchsize_study.experiments import run
 from batchsize_study.ladder import (
     critical_batch_verdict,
     fit_critical_batch,
-    ladder_section,
     regime,
-    smooth,
     steps_to_target,
 )
+from batchsize_study.report.load import load_ladder
+from batchsize_study.report.sections import ReportContext, ladder_section
+from batchsize_study.study import read_records
 
 
 def test_fit_recovers_critical_batch():
@@ -38,9 +40,7 @@ def test_regimes_follow_shallue():
     assert regime(8, 200, 16, 100)[0] == pytest.approx(1.0)
 
 
-def test_smoothing_and_target_and_verdict():
-    sm = smooth([4.0, 4.0, 4.0])
-    assert sm == pytest.approx([4.0, 4.0, 4.0])  # bias-corrected: no pull toward 0
+def test_target_and_verdict():
     assert steps_to_target([1, 2, 3], [3.0, 2.0, 1.0], 2.0) == 2
     assert steps_to_target([1, 2, 3], [3.0, 2.5, 2.1], 2.0) is None
     assert critical_batch_verdict(16, 100) == "below"
@@ -56,7 +56,10 @@ def test_smoke_ladder_of_three_batch_sizes_gives_both_plots(cfg_factory, tmp_pat
     for b in (16, 32):
         rec = run(cfg_factory("experiment=large_batch", f"batch_size={b}", *common))
         assert rec["status"] == "completed"
-    md, data, pngs = ladder_section(study, tmp_path / "report")
+    out = tmp_path / "report"
+    out.mkdir()
+    sec = ladder_section(read_records(study), ReportContext(out, CompareConfig()))
+    md, data, pngs = sec.markdown, sec.data, [out / p for p in sec.plots]
     assert [r["batch_size"] for r in data["rungs"]] == [8, 16, 32]
     assert sorted(Path(p).name for p in pngs) == [
         "ladder_loss_at_step.png",
@@ -74,5 +77,6 @@ def test_smoke_ladder_of_three_batch_sizes_gives_both_plots(cfg_factory, tmp_pat
 
 
 def test_ladder_section_without_runs(tmp_path: Path):
-    md, data, pngs = ladder_section(tmp_path, tmp_path / "report")
-    assert pngs == [] and "No ladder" in md and data["rungs"] == []
+    assert load_ladder([])["rungs"] == []
+    sec = ladder_section([], ReportContext(tmp_path, CompareConfig()))
+    assert sec.plots == [] and "No ladder" in sec.markdown and sec.data["rungs"] == []

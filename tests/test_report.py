@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from conftest import REPO, make_cfg
 
-from batchsize_study import report
+from batchsize_study import report, stats
 from batchsize_study.errors import ConfigError, UserError
 from batchsize_study.experiments import run
 from batchsize_study.recorder import CSV_FIELDS
+from batchsize_study.report import sections
 from batchsize_study.study import write_json_atomic
 
 SEQ = 8
@@ -89,23 +90,22 @@ def curve(steps: int, offset: float = 0.0, scale: float = 1.0, noise: float = 0.
     ("df", "expected"), [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)]
 )
 def test_t_quantile_matches_the_table(df: int, expected: float) -> None:
-    assert report.t_quantile(0.95, df) == pytest.approx(expected, abs=2e-3)
-    assert report.t_two_sided_p(expected, df) == pytest.approx(0.05, abs=1e-3)
+    assert stats.t_quantile(0.95, df) == pytest.approx(expected, abs=2e-3)
 
 
 def test_ema_is_bias_corrected_and_skips_nonfinite() -> None:
-    out = report.ema(np.array([2.0, 2.0, math.nan, 2.0]), 0.9)
+    out = stats.ema(np.array([2.0, 2.0, math.nan, 2.0]), 0.9)
     assert out == pytest.approx([2.0, 2.0, 2.0, 2.0])
-    assert report.ema(np.array([1.0, 3.0]), 0.0) == pytest.approx([1.0, 3.0])
+    assert stats.ema(np.array([1.0, 3.0]), 0.0) == pytest.approx([1.0, 3.0])
 
 
 def test_paired_test_separates_effect_from_spread() -> None:
-    clear = report.paired_test([-0.10, -0.11, -0.09], 0.95)
-    noise = report.paired_test([-0.10, 0.12, 0.01], 0.95)
+    clear = stats.paired_test([-0.10, -0.11, -0.09], 0.95)
+    noise = stats.paired_test([-0.10, 0.12, 0.01], 0.95)
     assert clear is not None and noise is not None
     assert clear["significant"] and clear["interval"][1] < 0
     assert not noise["significant"] and noise["interval"][0] < 0 < noise["interval"][1]
-    assert report.paired_test([-0.1], 0.95) is None
+    assert stats.paired_test([-0.1], 0.95) is None
 
 
 # ---------------------------------------------------------------- verdicts (synthetic)
@@ -259,15 +259,65 @@ def test_a_section_is_one_function(tmp_path: Path) -> None:
         n = len(study.large)
         return report.Section("extra", "Extra", f"{n} large group(s)", {"n": n})
 
-    saved = list(report.SECTIONS)
-    try:
-        report.register_section(section_extra, before="section_runs")
-        comp = report.build_report(tmp_path)
-    finally:
-        report.SECTIONS[:] = saved
+    i = report.SECTIONS.index(sections.section_runs)
+    order = (*report.SECTIONS[:i], section_extra, *report.SECTIONS[i:])
+    comp = report.build_report(tmp_path, sections=order)
     assert comp["extra"] == {"n": 1}
     assert comp["sections"].index("extra") == comp["sections"].index("runs") - 1
     assert "## Extra\n\n1 large group(s)" in (tmp_path / "report" / "report.md").read_text()
+    assert "extra" not in report.build_report(tmp_path)["sections"]  # nothing global changed
+
+
+def test_an_external_section_is_adapted(tmp_path: Path) -> None:
+    """A section built elsewhere as (markdown, data, PNG paths), e.g. an LR sweep."""
+    write_run(tmp_path, "small_batch", 8, 0, curve(20))
+    write_run(tmp_path, "large_batch", 16, 0, curve(20))
+
+    def sweep(study_dir: Path, out_dir: Path) -> tuple[str, dict, list[str]]:
+        (out_dir / "sweep.png").write_bytes(b"png")
+        return (
+            f"## LR sweep\n\nswept {study_dir.name}",
+            {"best_lr": 0.01},
+            [str(out_dir / "sweep.png")],
+        )
+
+    order = (*report.SECTIONS, sections.external("lr_sweep", "LR sweep", sweep))
+    comp = report.build_report(tmp_path, sections=order)
+    assert comp["lr_sweep"] == {"best_lr": 0.01} and "sweep.png" in comp["plots"]
+    assert (
+        f"## LR sweep\n\nswept {tmp_path.name}\n" in (tmp_path / "report" / "report.md").read_text()
+    )
+
+
+def test_the_report_imports_no_training() -> None:
+    """Arrows point one way: the report (and the pure analysis it reads) never imports the
+    training or experiment layer, lazily or not (issue 10)."""
+    import ast
+
+    pkg = REPO / "batchsize_study"
+    files = [*sorted((pkg / "report").glob("*.py")), pkg / "ladder.py", pkg / "probe_analysis.py"]
+    banned = {"experiments", "training", "runtime", "record", "recorder", "model", "data", "probe"}
+    banned |= {"checkpointing", "noise", "spike", "callbacks", "lightning", "torch"}
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                top = parts[1] if parts[0] == "batchsize_study" and len(parts) > 1 else parts[0]
+                assert top not in banned, f"{f.name} imports {name}"
+    code = (
+        "import sys, batchsize_study.report; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'torch') or "
+        "m.split('.')[:2] in (['batchsize_study', b] for b in "
+        "('experiments', 'training', 'recorder', 'model', 'data', 'probe'))]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
