@@ -339,10 +339,39 @@ def test_cli_multirun_with_compare_last(tmp_path: Path) -> None:
     assert len(list((tmp_path / "report").glob("*.png"))) >= 4
 
 
-def test_groups_without_a_common_seed_get_no_paired_test(tmp_path: Path) -> None:
-    for seed in (0, 1):
+def test_groups_without_a_common_seed_get_a_welch_test(tmp_path: Path) -> None:
+    """Unpaired seed groups: an unpaired (Welch) test, not a verdict from the sign alone."""
+    for seed in (0, 1, 2):
         write_run(tmp_path, "small_batch", 8, seed, curve(20, noise=0.01, seed=seed))
-        write_run(tmp_path, "large_batch", 16, seed + 5, curve(20, offset=-0.1, seed=seed))
+        large = curve(20, offset=-0.1, noise=0.01, seed=20 + seed)
+        write_run(tmp_path, "large_batch", 16, seed + 5, large)
     v = report.build_report(tmp_path)["verdict"]["comparisons"][0]
-    assert v["per_step"]["unpaired"] and v["per_step"]["final"]["test"] is None
-    assert "share no seed" in v["text"]
+    test = v["per_step"]["final"]["test"]
+    assert v["per_step"]["unpaired"] and test["kind"] == "welch" and test["significant"]
+    assert test["n_small"] == 3 and test["n_large"] == 3 and test["interval"][1] < 0
+    assert v["per_step_verdict"] == "supported"
+    assert "share no seed" in v["text"] and "Welch" in v["text"]
+
+
+def test_unpaired_single_seeds_are_untested(tmp_path: Path) -> None:
+    """One seed each, different seeds: no pairing and no spread; the sign alone is no verdict."""
+    write_run(tmp_path, "small_batch", 8, 0, curve(20), {20: 3.5})
+    write_run(tmp_path, "large_batch", 16, 5, curve(20, offset=-0.1), {20: 3.4})
+    v = report.build_report(tmp_path)["verdict"]["comparisons"][0]
+    assert v["per_step_verdict"] == "untested" and v["per_token_verdict"] == "untested"
+    assert v["per_step"]["final"]["test"] is None
+    assert "untested" in v["text"] and "share no seed" in v["text"]
+
+
+def test_identical_per_seed_differences_give_no_verdict(tmp_path: Path) -> None:
+    """se = 0: the paired test is undefined (not p = 0) and the report draws no verdict from it."""
+    for seed in range(3):
+        write_run(tmp_path, "small_batch", 8, seed, curve(30), {30: 3.5})
+        write_run(tmp_path, "large_batch", 16, seed, curve(30, offset=-0.1), {30: 3.4})
+    comp = report.build_report(tmp_path)
+    v = comp["verdict"]["comparisons"][0]
+    test = v["per_step"]["final"]["test"]
+    assert test["p_value"] is None and test["undefined"]
+    assert v["per_step_verdict"] == "untested"
+    assert "undefined" in v["text"] and "no verdict" in v["text"]
+    assert "p = 0" not in (tmp_path / "report" / "report.md").read_text()

@@ -11,7 +11,7 @@ import numpy as np
 
 from batchsize_study.config import CompareConfig
 from batchsize_study.report.load import Group, Run, Study
-from batchsize_study.stats import fmt, mean_interval, paired_test
+from batchsize_study.stats import fmt, mean_interval, paired_test, welch_test
 
 HYPOTHESIS = "a larger batch gives a lower loss in a given number of optimizer steps"
 
@@ -112,9 +112,27 @@ def final_point(
         "relative": (large_m - small_m) / small_m if small_m else None,
         "per_seed_difference": d,
         "large_lower": large_m < small_m,
-        "test": paired_test(d, s.confidence) if paired else None,
+        "test": _test(pairs, small_v, large_v, s.confidence, paired),
         "paired": paired,
     }
+
+
+def _test(
+    pairs: list[tuple[Run, Run]],
+    small_v: list[float],
+    large_v: list[float],
+    level: float,
+    paired: bool,
+) -> dict[str, Any] | None:
+    """Paired t-test on per-seed differences when the groups share seeds; otherwise (``pairs``
+    is every small run x every large run) Welch's test on one value per run."""
+    if paired:
+        test = paired_test([lv - sv for sv, lv in zip(small_v, large_v)], level)
+        return None if test is None else {**test, "kind": "paired"}
+    small = {id(a): v for (a, _), v in zip(pairs, small_v)}
+    large = {id(b): v for (_, b), v in zip(pairs, large_v)}
+    test = welch_test(list(small.values()), list(large.values()), level)
+    return None if test is None else {**test, "kind": "welch"}
 
 
 def matched_points(small: Group, large: Group, s: CompareConfig) -> list[dict[str, Any]]:
@@ -179,19 +197,27 @@ def diagnose(run: Run, tolerance: float) -> dict[str, Any]:
     return out
 
 
-def supports(final: dict[str, Any], n_seeds: int) -> str:
-    """supported / not supported / inconclusive, from the final matched point."""
+def supports(final: dict[str, Any]) -> str:
+    """The verdict from the final matched point: supported / not supported when the test
+    across seeds is significant (or there is one paired seed, said to rest on it); inconclusive
+    when it is not; untested when no test is defined (unpaired groups too small for Welch's
+    test, or no spread at all): never a verdict from the sign of unpaired means alone."""
     test = final.get("test")
-    if test is not None and not test["significant"]:
-        return "inconclusive"
-    return "supported" if final["large_lower"] else "not supported"
+    sign = "supported" if final["large_lower"] else "not supported"
+    if test is None:
+        return sign if final.get("paired", True) else "untested"
+    if test.get("undefined"):
+        return "untested"
+    return sign if test["significant"] else "inconclusive"
 
 
-def _seed_sentence(final: dict[str, Any], n_pairs: int, level: float) -> str:
+def _seed_sentence(final: dict[str, Any], level: float) -> str:
     test = final.get("test")
-    if test is None and not final.get("paired", True):
+    paired = final.get("paired", True)
+    if test is None and not paired:
         return (
-            "The two groups share no seed, so there is no paired test; run both with the same "
+            "The two groups share no seed and one of them has a single seed, so there is neither "
+            "a paired nor an unpaired test: the difference is untested; run both with the same "
             "seeds (e.g. `-m seed=0,1,2`) to compare them against the seed-to-seed spread."
         )
     if test is None:
@@ -199,8 +225,28 @@ def _seed_sentence(final: dict[str, Any], n_pairs: int, level: float) -> str:
             "This rests on one seed: there is no estimate of the seed-to-seed spread, so the "
             "difference may be noise; run more seeds (e.g. `-m seed=0,1,2 experiment=...`) to test it."
         )
+    if test.get("undefined"):
+        what = (
+            f"across {test['n_seeds']} paired seeds the per-seed differences are identical "
+            f"({test['mean_difference']:+.4f} each), so the paired t-test is undefined"
+            if paired
+            else "the two groups share no seed and neither varies, so Welch's test is undefined"
+        )
+        return (
+            f"Untested: {what} (no spread to test against, not a p-value of zero); no verdict is "
+            "drawn from it."
+        )
     lo, hi = test["interval"]
     verb = "is" if test["significant"] else "is not"
+    if test["kind"] == "welch":
+        return (
+            f"The two groups share no seed, so they are compared unpaired: across "
+            f"{test['n_small']} small and {test['n_large']} large seeds the final difference "
+            f"{verb} larger than the seed-to-seed spread (Welch's t-test: mean "
+            f"{test['mean_difference']:+.4f}, {level:.0%} interval [{lo:+.4f}, {hi:+.4f}], "
+            f"t = {fmt(test['t'], '.2f')}, df = {fmt(test['df'], '.1f')}, "
+            f"p = {test['p_value']:.3g})."
+        )
     return (
         f"Across {test['n_seeds']} paired seeds the final difference {verb} larger than the "
         f"seed-to-seed spread (paired t-test: mean {test['mean_difference']:+.4f}, "
@@ -215,8 +261,8 @@ def verdict_for(study: Study, large: Group, s: CompareConfig) -> dict[str, Any]:
     per_step = compare_view(small, large, "step", s)
     per_token = compare_view(small, large, "tokens", s)
     fs, ft = per_step.get("final", {}), per_token.get("final", {})
-    verdict_step = supports(fs, len(per_step["paired_seeds"])) if fs else "no data"
-    verdict_token = supports(ft, len(per_token["paired_seeds"])) if ft else "no data"
+    verdict_step = supports(fs) if fs else "no data"
+    verdict_token = supports(ft) if ft else "no data"
     name = "validation loss" if fs.get("metric") == "val_loss" else "smoothed training loss"
     lines = [
         f"**Large batch {large.batch_size} vs small batch {small.batch_size}** "
@@ -238,7 +284,7 @@ def verdict_for(study: Study, large: Group, s: CompareConfig) -> dict[str, Any]:
             f"{fs['small']:.4f}: {'lower' if fs['large_lower'] else 'higher'} by "
             f"{abs(fs['difference']):.4f} ({abs(fs['relative'] or 0):.1%})."
         )
-        lines.append(_seed_sentence(fs, len(per_step["paired_seeds"]), s.confidence))
+        lines.append(_seed_sentence(fs, s.confidence))
     if ft:
         ratio = large.runs[0].tokens_per_step / small.runs[0].tokens_per_step
         tname = "validation loss" if ft.get("metric") == "val_loss" else "smoothed training loss"
@@ -251,7 +297,7 @@ def verdict_for(study: Study, large: Group, s: CompareConfig) -> dict[str, Any]:
             f"{'it holds per token too' if ft['large_lower'] else 'per token the small batch is ahead'}."
         )
         if ft.get("test"):
-            lines.append(_seed_sentence(ft, len(per_token["paired_seeds"]), s.confidence))
+            lines.append(_seed_sentence(ft, s.confidence))
     lines.append(
         f"Verdict: per step the hypothesis is **{verdict_step}**; per token it is "
         f"**{verdict_token}**."
