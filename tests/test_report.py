@@ -375,3 +375,20 @@ def test_identical_per_seed_differences_give_no_verdict(tmp_path: Path) -> None:
     assert v["per_step_verdict"] == "untested"
     assert "undefined" in v["text"] and "no verdict" in v["text"]
     assert "p = 0" not in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_per_token_curves_are_smoothed_over_the_same_tokens(tmp_path: Path) -> None:
+    """Two runs with the same loss as a function of tokens (batch 8 and 32, 4x the tokens per
+    step) must match per token. An EMA per step spans 4x more tokens for the large batch, so
+    on a falling curve it lags behind and reads ~0.05 nats high at the end."""
+    loss = lambda tokens: 3.0 + 2.0 * np.exp(-tokens / 3000.0)  # noqa: E731
+    write_run(tmp_path, "small_batch", 8, 0, loss(np.arange(1, 201) * 8 * SEQ))
+    write_run(tmp_path, "large_batch", 32, 0, loss(np.arange(1, 51) * 32 * SEQ))
+    comp = report.build_report(tmp_path)
+    v = comp["verdict"]["comparisons"][0]
+    assert v["per_token"]["final"]["metric"] == "smoothed_train_loss"
+    assert abs(v["per_token"]["final"]["difference"]) < 0.003
+    # from 6,400 tokens on (per-step smoothing: 0.21 nats apart there)
+    late = np.array(v["curves"]["per_token"]["difference_mean"])[100:]
+    assert np.max(np.abs(late)) < 0.015
+    assert "per token" in comp["verdict"]["metric_note"]

@@ -33,6 +33,10 @@ class Run:
     lr: np.ndarray
     train_loss: np.ndarray
     smoothed: np.ndarray
+    """Training loss smoothed per optimizer step (EMA factor ``compare.ema``)."""
+    smoothed_by_tokens: np.ndarray
+    """Training loss smoothed over a window of tokens (:func:`token_window_beta`), for the
+    per-token comparison; equal to ``smoothed`` until :meth:`smooth_by_tokens` sets it."""
     detector_smoothed: np.ndarray
     val_step: np.ndarray
     val_tokens: np.ndarray
@@ -60,15 +64,34 @@ class Run:
         return int(tps) if tps else int(self.batch_size * self.record.get("seq_len", 1))
 
     def smoothed_at(self, x: np.ndarray, by: str) -> np.ndarray:
-        """Smoothed train loss interpolated at steps or tokens ``x`` (nan outside the run)."""
-        xs = self.step if by == "step" else self.tokens
-        return np.interp(x, xs, self.smoothed, left=np.nan, right=np.nan)
+        """Smoothed train loss interpolated at steps or tokens ``x`` (nan outside the run):
+        smoothed per step along steps, over a fixed number of tokens along tokens."""
+        if by == "step":
+            return np.interp(x, self.step, self.smoothed, left=np.nan, right=np.nan)
+        return np.interp(x, self.tokens, self.smoothed_by_tokens, left=np.nan, right=np.nan)
+
+    def smooth_by_tokens(self, beta: float, ref_tokens_per_step: int) -> None:
+        """Smooth over as many tokens as an EMA of factor ``beta`` spans at
+        ``ref_tokens_per_step`` tokens per step."""
+        b = token_window_beta(beta, self.tokens_per_step, ref_tokens_per_step)
+        self.smoothed_by_tokens = ema(self.train_loss, b)
 
     def val_at(self, x: float, by: str) -> float | None:
         """Validation loss at exactly this step / token count, if the run evaluated there."""
         xs = self.val_step if by == "step" else self.val_tokens
         hit = np.nonzero(xs == x)[0]
         return float(self.val_loss[hit[-1]]) if len(hit) else None
+
+
+def token_window_beta(beta: float, tokens_per_step: int, ref_tokens_per_step: int) -> float:
+    """The per-step EMA factor whose window spans the same tokens as ``beta`` does at
+    ``ref_tokens_per_step``: beta ** (tokens_per_step / ref_tokens_per_step).
+
+    An EMA's weights decay as beta^k over k steps; a run with r times the tokens per step
+    covers those tokens in k/r steps, so beta^r per step gives the same decay per token. Without
+    it a large batch (4x the tokens per step) averages over 4x the tokens and, on a falling
+    curve, lags behind the small batch when the two are compared per token."""
+    return beta ** (tokens_per_step / ref_tokens_per_step)
 
 
 def load_run(record: dict[str, Any], ema_beta: float) -> Run | None:
@@ -81,13 +104,15 @@ def load_run(record: dict[str, Any], ema_beta: float) -> Run | None:
     if c.empty:
         log.warning("skipping %s: metrics.csv has no training rows", path.parent)
         return None
+    smoothed = ema(c.train_loss, ema_beta)
     return Run(
         record=record,
         step=c.step,
         tokens=c.tokens,
         lr=c.lr,
         train_loss=c.train_loss,
-        smoothed=ema(c.train_loss, ema_beta),
+        smoothed=smoothed,
+        smoothed_by_tokens=smoothed,
         detector_smoothed=c.smoothed_loss,
         val_step=c.val_step,
         val_tokens=c.val_tokens,
@@ -229,6 +254,10 @@ def load_study(study_dir: str | Path, ema_beta: float = 0.9) -> Study:
             ignored.append(f"small_batch batch_size={k[1]} (the large runs derive from {base[1]})")
     for item in ignored:
         log.warning("compare: not compared: %s", item)
+    # Per token, every run is smoothed over the tokens the baseline's EMA spans.
+    ref_tps = by_group[base][0].tokens_per_step
+    for run in runs:
+        run.smooth_by_tokens(ema_beta, ref_tps)
     return Study(
         dir=sdir,
         records=records,

@@ -150,7 +150,10 @@ def section_verdict(study: Study, ctx: ReportContext) -> Section:
         "one_seed": all(len(g.runs) == 1 for g in study.groups),
         "metric_note": (
             "matched steps use the validation loss where both runs evaluated at that step, "
-            f"else the training loss smoothed by a bias-corrected EMA (factor {s.ema})"
+            f"else the training loss smoothed by a bias-corrected EMA (factor {s.ema}); per "
+            f"token the EMA spans the same tokens in every run (factor {s.ema}^(tokens per "
+            f"step / the small batch's tokens per step) per step), so a larger batch is not "
+            "smoothed over more tokens"
         ),
         "comparisons": comps,
     }
