@@ -25,6 +25,9 @@ from typing import Any
 
 SMOOTHING = 0.9  # EMA factor of the training loss, as the detector's default (~10 steps)
 PERFECT, MAXIMAL = 0.8, 0.2  # log-speedup efficiency thresholds between Shallue's regimes
+MIN_FIT_RUNGS = 3
+"""Distinct batch sizes the B_crit fit needs: two determine S_min and B_crit exactly, so the
+fit would be reported with no check that the model describes the rungs at all."""
 
 
 def steps_to_target(steps: list[int], smoothed: list[float], target: float) -> int | None:
@@ -38,11 +41,12 @@ def steps_to_target(steps: list[int], smoothed: list[float], target: float) -> i
 def fit_critical_batch(batch_sizes: list[float], steps: list[float]) -> dict[str, float] | None:
     """Least squares of S = S_min + (S_min B_crit) / B (McCandlish et al. 2018, eq. 2.11).
 
-    Linear in 1/B: S = a + b/B with a = S_min, b = S_min B_crit, so B_crit = b / a. Needs two
-    distinct batch sizes; None when the fit is degenerate or non-physical (a <= 0 or b < 0).
+    Linear in 1/B: S = a + b/B with a = S_min, b = S_min B_crit, so B_crit = b / a. Needs
+    :data:`MIN_FIT_RUNGS` distinct batch sizes (two would fit exactly, whatever the curve);
+    None with fewer, or when the fit is non-physical (a <= 0 or b < 0).
     """
     pts = [(1.0 / b, s) for b, s in zip(batch_sizes, steps) if s is not None]
-    if len({p[0] for p in pts}) < 2:
+    if len({p[0] for p in pts}) < MIN_FIT_RUNGS:
         return None
     n = len(pts)
     mx = sum(p[0] for p in pts) / n
@@ -154,6 +158,17 @@ def analyse_ladder(
     fit = fit_critical_batch(
         [r["batch_size"] for r in rungs], [r["steps_to_target"] for r in rungs]
     )
+    reached = len({r["batch_size"] for r in rungs if r["steps_to_target"] is not None})
+    if fit is not None:
+        fit_note = f"least squares over {reached} batch sizes"
+    elif reached < MIN_FIT_RUNGS:
+        fit_note = (
+            f"it needs at least {MIN_FIT_RUNGS} batch sizes that reach the target "
+            f"({reached} did); two determine S_min and B_crit exactly, with nothing left to "
+            "check the model against"
+        )
+    else:
+        fit_note = "the least-squares fit is non-physical (S_min <= 0 or B_crit < 0)"
     all_gns = [r["gradient_noise_scale"] for r in rungs if r["gradient_noise_scale"]]
     noise_scale = statistics.median(all_gns) if all_gns else None
     return {
@@ -164,6 +179,7 @@ def analyse_ladder(
         "target_loss": target,
         "target_rule": "given" if given else "worst final smoothed loss",
         "fit": fit,
+        "fit_note": fit_note,
         "empirical_critical_batch": fit["b_crit"] if fit else None,
         "gradient_noise_scale": noise_scale,
         "smoothing": SMOOTHING,

@@ -11,13 +11,14 @@ import pytest
 from batchsize_study.config import CompareConfig
 from batchsize_study.experiments import run
 from batchsize_study.ladder import (
+    analyse_ladder,
     critical_batch_verdict,
     fit_critical_batch,
     regime,
     steps_to_target,
 )
 from batchsize_study.report.load import load_ladder
-from batchsize_study.report.sections import ReportContext, ladder_section
+from batchsize_study.report.sections import ReportContext, ladder_markdown, ladder_section
 from batchsize_study.study import read_records
 
 
@@ -30,7 +31,7 @@ def test_fit_recovers_critical_batch():
     assert fit["s_min"] == pytest.approx(100)
     assert fit["b_crit"] == pytest.approx(64)
     assert fit_critical_batch([8], [10]) is None  # one batch size: no fit
-    assert fit_critical_batch([8, 16], [10, 20]) is None  # more steps at larger batch: non-physical
+    assert fit_critical_batch([8, 16, 32], [10, 20, 30]) is None  # more steps at larger batch
 
 
 def test_regimes_follow_shallue():
@@ -80,3 +81,34 @@ def test_ladder_section_without_runs(tmp_path: Path):
     assert load_ladder([])["rungs"] == []
     sec = ladder_section([], ReportContext(tmp_path, CompareConfig()))
     assert sec.plots == [] and "No ladder" in sec.markdown and sec.data["rungs"] == []
+
+
+def _rung(b: int, steps_to: int) -> dict:
+    """A rung whose smoothed loss reaches 1.0 at ``steps_to`` of 40 steps."""
+    return {
+        "batch_size": b,
+        "runs": [f"r{b}"],
+        "experiments": ["large_batch"],
+        "lr": 0.01,
+        "steps": list(range(1, 41)),
+        "smoothed_loss": [2.0 if s < steps_to else 1.0 for s in range(1, 41)],
+        "final_val_loss": None,
+        "gradient_noise_scale": None,
+    }
+
+
+def test_two_rungs_give_no_critical_batch():
+    """Two batch sizes determine S_min and B_crit exactly (no check of the model): no fit."""
+    assert fit_critical_batch([8, 16], [200, 120]) is None
+    assert fit_critical_batch([8, 16, 16], [200, 120, 121]) is None  # still two batch sizes
+    assert fit_critical_batch([8, 16, 32], [200, 120, 80]) is not None
+    d = analyse_ladder([_rung(8, 30), _rung(16, 20)], ("k", 40), target=1.0)
+    assert d["fit"] is None and d["empirical_critical_batch"] is None
+    assert "at least 3 batch sizes" in d["fit_note"]
+    md = ladder_markdown(d)
+    assert (
+        "B_crit =" not in md
+        and "no empirical critical batch: it needs at least 3 batch sizes" in md
+    )
+    d3 = analyse_ladder([_rung(8, 30), _rung(16, 20), _rung(32, 16)], ("k", 40), target=1.0)
+    assert d3["fit"] is not None and "B_crit =" in ladder_markdown(d3)

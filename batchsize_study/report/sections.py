@@ -263,13 +263,24 @@ def section_ladder(study: Study, ctx: ReportContext) -> Section:
 def ladder_section(records: list[dict[str, Any]], ctx: ReportContext) -> Section:
     """The ladder section from a study's records (a ladder needs no small/large pairing)."""
     d = load_ladder(records)
-    data = ladder.public(d)
+    md = ladder_markdown(d)
+    files = []
+    if len(d["rungs"]) >= 2:
+        files = [
+            ctx.save(figures.ladder_loss_at_step(d), "ladder_loss_at_step.png"),
+            ctx.save(figures.ladder_steps_to_target(d), "ladder_steps_to_target.png"),
+        ]
+        md += "\n" + "\n".join(f"\n![{Path(name).stem}]({name})" for name in files)
+    return Section("ladder", "Batch-size ladder", md, ladder.public(d), files)
+
+
+def ladder_markdown(d: dict[str, Any]) -> str:
+    """The ladder's text and table (figures aside)."""
     rungs = d["rungs"]
+    if not rungs:
+        return f"No ladder: {d.get('note')}."
     lines: list[str] = []
     gns = d.get("gradient_noise_scale")
-    if not rungs:
-        lines.append(f"No ladder: {d.get('note')}.")
-        return Section("ladder", "Batch-size ladder", "\n".join(lines), data)
     if gns:
         lines.append(
             f"Gradient noise scale B_simple (McCandlish et al. 2018), median of the runs: "
@@ -287,7 +298,7 @@ def ladder_section(records: list[dict[str, Any]], ctx: ReportContext) -> Section
             "One batch size only: run `-m experiment=large_batch batch_size=…` over several sizes "
             "for the ladder."
         )
-        return Section("ladder", "Batch-size ladder", "\n".join(lines).strip(), data)
+        return "\n".join(lines).strip()
     steps_cols = d["loss_steps"]
     lines += [
         f"Same step budget ({d['max_steps']} optimizer steps); smoothed training loss (EMA "
@@ -311,10 +322,12 @@ def ladder_section(records: list[dict[str, Any]], ctx: ReportContext) -> Section
     lines += [
         "",
         (
-            f"Fit S = S_min (1 + B_crit/B) (McCandlish et al. 2018, eq. 2.11): S_min = "
-            f"{d['fit']['s_min']:.3g} steps, empirical critical batch **B_crit = {bc:.3g}** sequences"
+            f"Fit S = S_min (1 + B_crit/B) (McCandlish et al. 2018, eq. 2.11), "
+            f"{d['fit_note']}: S_min = {d['fit']['s_min']:.3g} steps, empirical critical batch "
+            f"**B_crit = {bc:.3g}** sequences"
             if bc
-            else "The fit S = S_min (1 + B_crit/B) is not resolved by these rungs"
+            else "No fit of S = S_min (1 + B_crit/B) (McCandlish et al. 2018, eq. 2.11), so no "
+            f"empirical critical batch: {d['fit_note']}"
         )
         + (f"; the gradient noise scale estimates {gns:.3g}." if gns else "."),
         "",
@@ -322,13 +335,7 @@ def ladder_section(records: list[dict[str, Any]], ctx: ReportContext) -> Section
         "and the schedule's decay is tied to the step budget: read steps-to-target with that in "
         "mind.",
     ]
-    files = [
-        ctx.save(figures.ladder_loss_at_step(d), "ladder_loss_at_step.png"),
-        ctx.save(figures.ladder_steps_to_target(d), "ladder_steps_to_target.png"),
-    ]
-    for name in files:
-        lines.append(f"\n![{Path(name).stem}]({name})")
-    return Section("ladder", "Batch-size ladder", "\n".join(lines).strip(), data, files)
+    return "\n".join(lines).strip()
 
 
 # ---------------------------------------------------------------- stability probe
