@@ -392,3 +392,30 @@ def test_per_token_curves_are_smoothed_over_the_same_tokens(tmp_path: Path) -> N
     late = np.array(v["curves"]["per_token"]["difference_mean"])[100:]
     assert np.max(np.abs(late)) < 0.015
     assert "per token" in comp["verdict"]["metric_note"]
+
+
+@pytest.mark.parametrize(("se", "exceeds"), [(0.02, False), (0.002, True)])
+def test_validation_standard_error_is_shown_and_judged(
+    tmp_path: Path, se: float, exceeds: bool
+) -> None:
+    """Records may carry final_val_loss_se (the SE of the mean loss over validation windows):
+    the runs table shows it and the verdict says whether the final difference exceeds it."""
+    write_run(tmp_path, "small_batch", 8, 0, curve(30), {30: 3.50}, final_val_loss_se=se)
+    write_run(tmp_path, "large_batch", 16, 0, curve(30), {30: 3.48}, final_val_loss_se=se)
+    comp = report.build_report(tmp_path)
+    final = comp["verdict"]["comparisons"][0]["per_step"]["final"]
+    assert final["metric"] == "val_loss"
+    assert final["val_se"]["difference"] == pytest.approx(math.sqrt(2) * se)
+    assert final["val_se"]["exceeds"] is exceeds
+    text = comp["verdict"]["comparisons"][0]["text"]
+    assert ("exceeds" if exceeds else "does not exceed") + " the validation set's noise" in text
+    assert {r["final_val_loss_se"] for r in comp["runs"]} == {se}
+    assert f"3.5000 ± {se:.4f}" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_records_without_a_validation_se_still_report(tmp_path: Path) -> None:
+    write_run(tmp_path, "small_batch", 8, 0, curve(30), {30: 3.50})
+    write_run(tmp_path, "large_batch", 16, 0, curve(30), {30: 3.48})
+    comp = report.build_report(tmp_path)
+    assert comp["verdict"]["comparisons"][0]["per_step"]["final"]["val_se"] is None
+    assert "validation set's noise" not in comp["verdict"]["comparisons"][0]["text"]

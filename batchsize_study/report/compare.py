@@ -114,6 +114,38 @@ def final_point(
         "large_lower": large_m < small_m,
         "test": _test(pairs, small_v, large_v, s.confidence, paired),
         "paired": paired,
+        "val_se": _val_se(pairs, x, by, large_m - small_m) if use_val else None,
+    }
+
+
+VAL_SE_SIGMAS = 2.0
+"""A final difference 'exceeds the validation set's noise' when it is larger than this many
+standard errors of the difference of the two validation estimates."""
+
+
+def _val_se(pairs: list[tuple[Run, Run]], x: float, by: str, diff: float) -> dict | None:
+    """The validation set's own noise at the final validation point: each run's record may
+    carry ``final_val_loss_se`` (SE of its mean loss over the validation windows). The SE of a
+    group's mean over seeds is sqrt(sum se_i^2) / n; of the difference, the two combined in
+    quadrature (conservative: both runs score the same windows, which a paired per-window
+    comparison would exploit). None when a run has no such SE or x is not its last validation."""
+    groups: list[dict[int, float]] = [{}, {}]
+    for pair in pairs:
+        for side, run in enumerate(pair):
+            se = run.record.get("final_val_loss_se")
+            last = (run.val_step if by == "step" else run.val_tokens)[-1:]
+            if se is None or not len(last) or float(last[0]) != x:
+                return None
+            groups[side][id(run)] = float(se)
+    small, large = (math.sqrt(sum(v**2 for v in g.values())) / len(g) for g in groups)
+    se_diff = math.sqrt(small**2 + large**2)
+    return {
+        "small": small,
+        "large": large,
+        "difference": se_diff,
+        "sigmas": abs(diff) / se_diff if se_diff > 0 else None,
+        "exceeds": bool(abs(diff) > VAL_SE_SIGMAS * se_diff),
+        "rule": f"|difference| > {VAL_SE_SIGMAS:g} x the SE of the difference",
     }
 
 
@@ -211,6 +243,17 @@ def supports(final: dict[str, Any]) -> str:
     return sign if test["significant"] else "inconclusive"
 
 
+def _val_se_sentence(final: dict[str, Any]) -> str:
+    v = final["val_se"]
+    verb = "exceeds" if v["exceeds"] else "does not exceed"
+    return (
+        f"The validation loss is itself an estimate (standard error {v['small']:.4f} small, "
+        f"{v['large']:.4f} large; {v['difference']:.4f} for the difference): the final "
+        f"difference is {fmt(v['sigmas'], '.1f')} standard errors, so it {verb} the validation "
+        f"set's noise ({VAL_SE_SIGMAS:g} standard errors)."
+    )
+
+
 def _seed_sentence(final: dict[str, Any], level: float) -> str:
     test = final.get("test")
     paired = final.get("paired", True)
@@ -284,6 +327,8 @@ def verdict_for(study: Study, large: Group, s: CompareConfig) -> dict[str, Any]:
             f"{fs['small']:.4f}: {'lower' if fs['large_lower'] else 'higher'} by "
             f"{abs(fs['difference']):.4f} ({abs(fs['relative'] or 0):.1%})."
         )
+        if fs.get("val_se"):
+            lines.append(_val_se_sentence(fs))
         lines.append(_seed_sentence(fs, s.confidence))
     if ft:
         ratio = large.runs[0].tokens_per_step / small.runs[0].tokens_per_step

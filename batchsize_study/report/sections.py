@@ -100,11 +100,17 @@ def run_rows(study: Study) -> list[dict[str, Any]]:
                 "tokens_seen": rec.get("tokens_seen"),
                 "final_train_loss": rec.get("final_train_loss"),
                 "final_val_loss": rec.get("final_val_loss"),
+                "final_val_loss_se": rec.get("final_val_loss_se"),
                 "final_val_ppl": ppl,
                 "wall_seconds": rec.get("wall_seconds"),
             }
         )
     return rows
+
+
+def _with_se(value: float | None, se: float | None) -> str:
+    """'5.9090 ± 0.0123' where the record has the standard error, else the value alone."""
+    return fmt(value) if se is None or value is None else f"{fmt(value)} ± {fmt(se)}"
 
 
 def runs_table_markdown(rows: list[dict[str, Any]]) -> str:
@@ -118,7 +124,8 @@ def runs_table_markdown(rows: list[dict[str, Any]]) -> str:
         f"| {r['micro_batch_size']} × {r['accumulate_grad_batches']} × {r['devices']} "
         f"| {fmt(r['lr'], '.4g')} | {_short_source(r['lr_source'])} | {r['steps_done']} "
         f"| {fmt(r['tokens_seen'], ',.0f')} | {fmt(r['final_train_loss'])} "
-        f"| {fmt(r['final_val_loss'])} | {fmt(r['final_val_ppl'], '.1f')} "
+        f"| {_with_se(r['final_val_loss'], r['final_val_loss_se'])} "
+        f"| {fmt(r['final_val_ppl'], '.1f')} "
         f"| {fmt(r['wall_seconds'], '.1f')} |"
         for r in rows
     ]
@@ -129,8 +136,9 @@ def section_runs(study: Study, ctx: ReportContext) -> Section:
     rows = run_rows(study)
     md = runs_table_markdown(rows)
     md += (
-        "\n\nFinal train loss: mean of the last 10 optimizer steps. Batch sizes are effective "
-        "batches in sequences (micro batch × gradient accumulation × devices)."
+        "\n\nFinal train loss: mean of the last 10 optimizer steps. Final val loss ± its "
+        "standard error over the validation windows, where the run recorded it. Batch sizes are "
+        "effective batches in sequences (micro batch × gradient accumulation × devices)."
     )
     if study.ignored:
         md += "\n\nNot compared: " + "; ".join(study.ignored) + "."
