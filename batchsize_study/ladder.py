@@ -23,6 +23,8 @@ import statistics
 from collections import Counter
 from typing import Any
 
+from batchsize_study.stats import median, t_quantile
+
 SMOOTHING = 0.9  # EMA factor of the training loss, as the detector's default (~10 steps)
 PERFECT, MAXIMAL = 0.8, 0.2  # log-speedup efficiency thresholds between Shallue's regimes
 MIN_FIT_RUNGS = 3
@@ -82,6 +84,67 @@ def critical_batch_verdict(batch_size: float, critical: float | None) -> str:
     return "near"
 
 
+def noise_scale_estimate(records: list[dict[str, Any]], level: float) -> dict[str, Any] | None:
+    """The gradient noise scale B_simple of the ladder's runs with an interval, or None.
+
+    Several seeds: one value per seed (the median of its runs), and the t interval of the mean
+    of log B_simple across seeds (Student; on the log scale because the estimate varies by
+    factors between seeds, tenfold on the default study), reported as the geometric mean and
+    exp of the interval's ends. One seed: the runs' own ``noise.b_simple_interval`` (how it was
+    estimated: ``noise.interval_method``), the widest span over that seed's runs; without one
+    there is no interval.
+    """
+    by_seed: dict[int, list[float]] = {}
+    intervals: list[list[float]] = []
+    methods: set[str] = set()
+    for r in records:
+        v = r.get("gradient_noise_scale")
+        if v is None or not math.isfinite(v) or v <= 0:
+            continue
+        by_seed.setdefault(int(r.get("seed", 0)), []).append(float(v))
+        noise = r.get("noise") or {}
+        if noise.get("b_simple_interval"):
+            intervals.append([float(x) for x in noise["b_simple_interval"]])
+            methods.add(str(noise.get("interval_method") or "not stated"))
+    if not by_seed:
+        return None
+    per_seed = {seed: median(vals) for seed, vals in sorted(by_seed.items())}
+    out: dict[str, Any] = {"n_seeds": len(per_seed), "per_seed": per_seed, "level": level}
+    if len(per_seed) >= 2:
+        logs = [math.log(v) for v in per_seed.values()]
+        centre = statistics.fmean(logs)
+        half = t_quantile(level, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+        out.update(
+            value=math.exp(centre),
+            interval=[math.exp(centre - half), math.exp(centre + half)],
+            method=(
+                f"{level:.0%} t interval of the mean of log B_simple over {len(logs)} seeds "
+                "(one value per seed), shown as the geometric mean"
+            ),
+        )
+        return out
+    (values,) = by_seed.values()
+    out["value"] = median(values)
+    if intervals and len(intervals) == len(values):
+        out["interval"] = [min(i[0] for i in intervals), max(i[1] for i in intervals)]
+        out["method"] = f"the run's own interval ({'; '.join(sorted(methods))}), one seed"
+    else:
+        out["interval"] = None
+        out["method"] = "one seed and no recorded interval: the uncertainty is unknown"
+    return out
+
+
+def noise_regime(batch_size: float, estimate: dict[str, Any] | None) -> str:
+    """'below' / 'near' / 'above' the noise scale when every value in its interval gives the
+    same answer (:func:`critical_batch_verdict`, monotone in the critical batch, so the two
+    ends decide); 'uncertain' otherwise, or without an interval."""
+    if not estimate or not estimate.get("interval"):
+        return "uncertain"
+    lo, hi = estimate["interval"]
+    ends = {critical_batch_verdict(batch_size, lo), critical_batch_verdict(batch_size, hi)}
+    return ends.pop() if len(ends) == 1 and "unknown" not in ends else "uncertain"
+
+
 def value_at(steps: list[int], values: list[float], step: int) -> float | None:
     """The value at the first step at or after ``step`` (the last value if the run is shorter)."""
     for s, v in zip(steps, values):
@@ -126,10 +189,14 @@ def rung(records: list[dict[str, Any]], steps: list[int], smoothed_mean: list[fl
 
 
 def analyse_ladder(
-    rungs: list[dict[str, Any]], key: tuple[Any, Any], target: float | None = None
+    rungs: list[dict[str, Any]],
+    key: tuple[Any, Any],
+    target: float | None = None,
+    noise: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Loss at fixed steps, steps to the target loss, Shallue's regime per rung step, and the
-    fit of S = S_min (1 + B_crit / B), from the rungs (ordered by batch size)."""
+    """Loss at fixed steps, steps to the target loss, Shallue's regime per rung step, the fit of
+    S = S_min (1 + B_crit / B), and where each rung sits against the noise scale ``noise``
+    (:func:`noise_scale_estimate`), from the rungs (ordered by batch size)."""
     if not rungs:
         return {"rungs": [], "note": "the runs have no metrics.csv rows"}
     max_steps = key[1] or max(r["steps"][-1] for r in rungs)
@@ -171,6 +238,8 @@ def analyse_ladder(
         fit_note = "the least-squares fit is non-physical (S_min <= 0 or B_crit < 0)"
     all_gns = [r["gradient_noise_scale"] for r in rungs if r["gradient_noise_scale"]]
     noise_scale = statistics.median(all_gns) if all_gns else None
+    for r in rungs:
+        r["noise_regime"] = noise_regime(r["batch_size"], noise)
     return {
         "rungs": rungs,
         "compat_key": key[0],
@@ -182,6 +251,7 @@ def analyse_ladder(
         "fit_note": fit_note,
         "empirical_critical_batch": fit["b_crit"] if fit else None,
         "gradient_noise_scale": noise_scale,
+        "noise_scale": noise,
         "smoothing": SMOOTHING,
     }
 

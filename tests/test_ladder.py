@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -112,3 +113,67 @@ def test_two_rungs_give_no_critical_batch():
     )
     d3 = analyse_ladder([_rung(8, 30), _rung(16, 20), _rung(32, 16)], ("k", 40), target=1.0)
     assert d3["fit"] is not None and "B_crit =" in ladder_markdown(d3)
+
+
+def _ladder_study(tmp_path: Path, noise: dict[tuple[int, int], tuple[float, list | None]]) -> list:
+    """Records + metrics.csv of rungs (batch, seed) -> (B_simple, its per-run interval)."""
+    from batchsize_study.metrics import CSV_FIELDS
+
+    recs = []
+    for (b, seed), (gns, interval) in noise.items():
+        rdir = tmp_path / "runs" / f"large_batch-bs{b}-seed{seed}"
+        rdir.mkdir(parents=True)
+        with open(rdir / "metrics.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            for s in range(1, 21):
+                w.writerow({"step": s, "tokens": s * b, "lr": 0.01, "train_loss": 5 - s / b})
+        rec = {
+            "experiment": "large_batch",
+            "status": "completed",
+            "run_id": rdir.name,
+            "batch_size": b,
+            "seed": seed,
+            "lr": 0.01,
+            "max_steps": 20,
+            "compat_key": "k",
+            "gradient_noise_scale": gns,
+            "noise": {"b_simple_interval": interval, "interval_method": "synthetic"}
+            if interval
+            else {},
+            "_path": str(rdir / "result.json"),
+        }
+        recs.append(rec)
+    return recs
+
+
+def test_noise_scale_regime_only_when_the_interval_supports_it(tmp_path: Path):
+    """Seeds 0 and 1 measure B_simple 1,261 and 132 (tenfold apart, as on the default study):
+    no regime conclusion from their median."""
+    recs = _ladder_study(tmp_path, {(64, 0): (1261.0, None), (64, 1): (132.0, None)})
+    d = load_ladder(recs)
+    est = d["noise_scale"]
+    assert est["n_seeds"] == 2 and est["interval"][0] < 64 / 2 and est["interval"][1] > 2 * 64
+    assert d["rungs"][0]["noise_regime"] == "uncertain"
+    md = ladder_markdown(d)
+    assert "too uncertain" in md and "**below**" not in md
+
+
+def test_noise_scale_regime_with_a_tight_interval(tmp_path: Path):
+    seeds = {(16, s): (v, None) for s, v in enumerate((500.0, 520.0, 510.0))}
+    seeds |= {(4096, s): (v, None) for s, v in enumerate((505.0, 515.0, 512.0))}
+    d = load_ladder(_ladder_study(tmp_path, seeds))
+    lo, hi = d["noise_scale"]["interval"]
+    assert 450 < lo < 510 < hi < 560
+    assert [r["noise_regime"] for r in d["rungs"]] == ["below", "above"]
+    assert "is **below** the noise scale" in ladder_markdown(d)
+
+
+def test_one_seed_uses_the_recorded_interval(tmp_path: Path):
+    d = load_ladder(_ladder_study(tmp_path, {(16, 0): (500.0, [400.0, 600.0])}))
+    assert d["noise_scale"]["interval"] == [400.0, 600.0]
+    assert d["noise_scale"]["method"].startswith("the run's own interval")
+    assert d["rungs"][0]["noise_regime"] == "below"
+    d = load_ladder(_ladder_study(tmp_path / "b", {(16, 0): (500.0, None)}))
+    assert d["noise_scale"]["interval"] is None and d["rungs"][0]["noise_regime"] == "uncertain"
+    assert "too uncertain" in ladder_markdown(d)

@@ -333,9 +333,23 @@ def _lr_ticks(ax: Axes, lrs: list[float]) -> None:
 # ---------------------------------------------------------------- the batch-size ladder
 
 
-def _noise_marks(ax: Axes, gns: float | None, bc: float | None) -> None:
-    if gns:
+def _noise_marks(ax: Axes, d: dict[str, Any]) -> None:
+    """B_simple (with its interval, shaded, where there is one) and the fitted B_crit."""
+    est, bc = d.get("noise_scale"), d.get("empirical_critical_batch")
+    if est:
+        gns = est["value"]
         ax.axvline(gns, color="C3", ls="--", lw=1, label=f"B_simple {gns:.3g}")
+        if est.get("interval"):  # shaded within the plotted range: it may span decades
+            lo, hi = est["interval"]
+            xlim = ax.get_xlim()
+            ax.axvspan(
+                max(lo, xlim[0]),
+                min(hi, xlim[1]),
+                color="C3",
+                alpha=0.08,
+                label=f"B_simple {est['level']:.0%} interval [{lo:.3g}, {hi:.3g}]",
+            )
+            ax.set_xlim(xlim)
     if bc:
         ax.axvline(bc, color="C2", ls="-.", lw=1, label=f"empirical B_crit {bc:.3g}")
 
@@ -347,8 +361,8 @@ def ladder_loss_at_step(d: dict[str, Any]) -> Figure:
     bs = [r["batch_size"] for r in rungs]
     for s in d["loss_steps"]:
         ax.plot(bs, [r["loss_at_step"][str(s)] for r in rungs], "o-", label=f"step {s}")
-    _noise_marks(ax, d.get("gradient_noise_scale"), d.get("empirical_critical_batch"))
     ax.set_xscale("log", base=2)
+    _noise_marks(ax, d)
     ax.set_xlabel("batch size (sequences)")
     ax.set_ylabel("smoothed training loss")
     ax.set_title("Loss at a fixed step against batch size")
@@ -377,8 +391,8 @@ def ladder_steps_to_target(d: dict[str, Any]) -> Figure:
                 label="S_min (1 + B_crit/B)",
             )
             ax.axhline(f["s_min"], color="C0", lw=0.8, ls=":", label="S_min")
-    _noise_marks(ax, d.get("gradient_noise_scale"), d.get("empirical_critical_batch"))
     ax.set_xscale("log", base=2)
+    _noise_marks(ax, d)
     ax.set_yscale("log")
     ax.set_xlabel("batch size (sequences)")
     ax.set_ylabel(f"steps to loss {d['target_loss']:.3f}")

@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 
 from batchsize_study.errors import UserError
-from batchsize_study.ladder import SMOOTHING, analyse_ladder, rung, select_rungs
+from batchsize_study.ladder import (
+    SMOOTHING,
+    analyse_ladder,
+    noise_scale_estimate,
+    rung,
+    select_rungs,
+)
 from batchsize_study.metrics import METRICS, read_metrics
 from batchsize_study.stats import ema, mean_interval
 from batchsize_study.study import read_records
@@ -270,7 +276,9 @@ def load_study(study_dir: str | Path, ema_beta: float = 0.9) -> Study:
     )
 
 
-def load_ladder(records: list[dict[str, Any]], target: float | None = None) -> dict[str, Any]:
+def load_ladder(
+    records: list[dict[str, Any]], target: float | None = None, level: float = 0.95
+) -> dict[str, Any]:
     """The study's batch-size ladder (batchsize_study.ladder): each rung's training loss,
     smoothed by the one EMA and averaged over seeds, then the ladder's readings."""
     selected = select_rungs(records)
@@ -289,4 +297,5 @@ def load_ladder(records: list[dict[str, Any]], target: float | None = None) -> d
         smoothed = [ema(c.train_loss[:n], SMOOTHING) for c in curves]
         mean = [statistics.fmean(float(v[i]) for v in smoothed) for i in range(n)]
         rungs.append(rung(by_batch[b], steps, mean))
-    return analyse_ladder(rungs, key, target)
+    noise = noise_scale_estimate([r for rs in by_batch.values() for r in rs], level)
+    return analyse_ladder(rungs, key, target, noise)

@@ -270,7 +270,7 @@ def section_ladder(study: Study, ctx: ReportContext) -> Section:
 
 def ladder_section(records: list[dict[str, Any]], ctx: ReportContext) -> Section:
     """The ladder section from a study's records (a ladder needs no small/large pairing)."""
-    d = load_ladder(records)
+    d = load_ladder(records, level=ctx.settings.confidence)
     md = ladder_markdown(d)
     files = []
     if len(d["rungs"]) >= 2:
@@ -282,25 +282,45 @@ def ladder_section(records: list[dict[str, Any]], ctx: ReportContext) -> Section
     return Section("ladder", "Batch-size ladder", md, ladder.public(d), files)
 
 
+def _noise_lines(d: dict[str, Any]) -> list[str]:
+    """B_simple with its uncertainty, and a regime per rung only where the interval supports it."""
+    est = d.get("noise_scale")
+    if not est:
+        return []
+    lines = [
+        f"Gradient noise scale B_simple (McCandlish et al. 2018, the estimate of the critical "
+        f"batch): **{est['value']:.3g} sequences**"
+        + (
+            f", {est['level']:.0%} interval [{est['interval'][0]:.3g}, {est['interval'][1]:.3g}]"
+            if est.get("interval")
+            else ""
+        )
+        + f" ({est['method']}; per seed: "
+        + ", ".join(f"{v:.3g}" for v in est["per_seed"].values())
+        + ")."
+    ]
+    for r in d["rungs"]:
+        where = r["noise_regime"]
+        what = f"- batch {r['batch_size']} ({', '.join(r['experiments'])})"
+        if where == "uncertain":
+            lines.append(
+                f"{what}: the estimate is too uncertain to say whether it is below, near or "
+                "above the noise scale"
+            )
+        else:
+            lines.append(f"{what} is **{where}** the noise scale (over its whole interval)")
+    lines.append("")
+    return lines
+
+
 def ladder_markdown(d: dict[str, Any]) -> str:
     """The ladder's text and table (figures aside)."""
     rungs = d["rungs"]
     if not rungs:
         return f"No ladder: {d.get('note')}."
     lines: list[str] = []
-    gns = d.get("gradient_noise_scale")
-    if gns:
-        lines.append(
-            f"Gradient noise scale B_simple (McCandlish et al. 2018), median of the runs: "
-            f"**{gns:.3g} sequences**."
-        )
-        for r in rungs:
-            v = ladder.critical_batch_verdict(r["batch_size"], gns)
-            lines.append(
-                f"- batch {r['batch_size']} ({', '.join(r['experiments'])}) is **{v}** the "
-                "estimated critical batch"
-            )
-        lines.append("")
+    est = d.get("noise_scale") or {}
+    lines += _noise_lines(d)
     if len(rungs) < 2:
         lines.append(
             "One batch size only: run `-m experiment=large_batch batch_size=…` over several sizes "
@@ -337,7 +357,7 @@ def ladder_markdown(d: dict[str, Any]) -> str:
             else "No fit of S = S_min (1 + B_crit/B) (McCandlish et al. 2018, eq. 2.11), so no "
             f"empirical critical batch: {d['fit_note']}"
         )
-        + (f"; the gradient noise scale estimates {gns:.3g}." if gns else "."),
+        + (f"; the gradient noise scale estimates {est['value']:.3g}." if est else "."),
         "",
         "The LR of each rung follows the study's rule (not tuned per batch as in Shallue et al.), "
         "and the schedule's decay is tied to the step budget: read steps-to-target with that in "
