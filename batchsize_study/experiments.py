@@ -23,7 +23,7 @@ def run(cfg: DictConfig | Config) -> dict[str, Any]:
     """Entry point of every experiment (called by ``__main__`` and by tests)."""
     c = validate(cfg)
     if c.task == "compare":
-        return run_compare(c.compare, study_dir(c))
+        return run_compare(study_dir(c), c.compare)
     if c.task == "stability_probe":
         return run_probe(c)
     return train(c)

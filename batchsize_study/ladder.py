@@ -12,34 +12,24 @@ scale B_simple the runs measured (batchsize_study.noise).
 Caveat, stated in the report: each rung's LR comes from the study's rule (z = y (B/B_small)^alpha),
 not from a per-batch tuning as in Shallue et al., and the cosine decay is tied to the step budget.
 
-Entry point for the report: :func:`ladder_section`.
+Pure functions of records (dicts) and numbers: the report (batchsize_study.report) reads the
+files and draws the figures.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from batchsize_study.study import read_records
+from batchsize_study.stats import median, t_quantile
 
 SMOOTHING = 0.9  # EMA factor of the training loss, as the detector's default (~10 steps)
 PERFECT, MAXIMAL = 0.8, 0.2  # log-speedup efficiency thresholds between Shallue's regimes
-
-
-# ---------------------------------------------------------------- pure functions
-
-
-def smooth(losses: list[float], factor: float = SMOOTHING) -> list[float]:
-    """Bias-corrected EMA (as Lightning's LR finder and our detector smooth the loss)."""
-    out, avg = [], 0.0
-    for i, v in enumerate(losses, 1):
-        avg = factor * avg + (1 - factor) * v
-        out.append(avg / (1 - factor**i))
-    return out
+MIN_FIT_RUNGS = 3
+"""Distinct batch sizes the B_crit fit needs: two determine S_min and B_crit exactly, so the
+fit would be reported with no check that the model describes the rungs at all."""
 
 
 def steps_to_target(steps: list[int], smoothed: list[float], target: float) -> int | None:
@@ -53,11 +43,12 @@ def steps_to_target(steps: list[int], smoothed: list[float], target: float) -> i
 def fit_critical_batch(batch_sizes: list[float], steps: list[float]) -> dict[str, float] | None:
     """Least squares of S = S_min + (S_min B_crit) / B (McCandlish et al. 2018, eq. 2.11).
 
-    Linear in 1/B: S = a + b/B with a = S_min, b = S_min B_crit, so B_crit = b / a. Needs two
-    distinct batch sizes; None when the fit is degenerate or non-physical (a <= 0 or b < 0).
+    Linear in 1/B: S = a + b/B with a = S_min, b = S_min B_crit, so B_crit = b / a. Needs
+    :data:`MIN_FIT_RUNGS` distinct batch sizes (two would fit exactly, whatever the curve);
+    None with fewer, or when the fit is non-physical (a <= 0 or b < 0).
     """
     pts = [(1.0 / b, s) for b, s in zip(batch_sizes, steps) if s is not None]
-    if len({p[0] for p in pts}) < 2:
+    if len({p[0] for p in pts}) < MIN_FIT_RUNGS:
         return None
     n = len(pts)
     mx = sum(p[0] for p in pts) / n
@@ -93,68 +84,127 @@ def critical_batch_verdict(batch_size: float, critical: float | None) -> str:
     return "near"
 
 
-def read_curve(metrics_csv: str | Path) -> tuple[list[int], list[float]]:
-    """(steps, train losses) of a run's metrics.csv, validation rows skipped."""
-    steps, losses = [], []
-    p = Path(metrics_csv)
-    if not p.exists():
-        return steps, losses
-    with p.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row.get("train_loss"):
-                steps.append(int(float(row["step"])))
-                losses.append(float(row["train_loss"]))
-    return steps, losses
+def noise_scale_estimate(records: list[dict[str, Any]], level: float) -> dict[str, Any] | None:
+    """The gradient noise scale B_simple of the ladder's runs with an interval, or None.
+
+    Several seeds: one value per seed (the median of its runs), and the t interval of the mean
+    of log B_simple across seeds (Student; on the log scale because the estimate varies by
+    factors between seeds, tenfold on the default study), reported as the geometric mean and
+    exp of the interval's ends. One seed: the runs' own ``noise.b_simple_interval`` (how it was
+    estimated: ``noise.interval_method``), the widest span over that seed's runs; without one
+    there is no interval.
+    """
+    by_seed: dict[int, list[float]] = {}
+    intervals: list[list[float]] = []
+    methods: set[str] = set()
+    for r in records:
+        v = r.get("gradient_noise_scale")
+        if v is None or not math.isfinite(v) or v <= 0:
+            continue
+        by_seed.setdefault(int(r.get("seed", 0)), []).append(float(v))
+        noise = r.get("noise") or {}
+        if noise.get("b_simple_interval"):
+            intervals.append([float(x) for x in noise["b_simple_interval"]])
+            methods.add(str(noise.get("interval_method") or "not stated"))
+    if not by_seed:
+        return None
+    per_seed = {seed: median(vals) for seed, vals in sorted(by_seed.items())}
+    out: dict[str, Any] = {"n_seeds": len(per_seed), "per_seed": per_seed, "level": level}
+    if len(per_seed) >= 2:
+        logs = [math.log(v) for v in per_seed.values()]
+        centre = statistics.fmean(logs)
+        half = t_quantile(level, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+        out.update(
+            value=math.exp(centre),
+            interval=[math.exp(centre - half), math.exp(centre + half)],
+            method=(
+                f"{level:.0%} t interval of the mean of log B_simple over {len(logs)} seeds "
+                "(one value per seed), shown as the geometric mean"
+            ),
+        )
+        return out
+    (values,) = by_seed.values()
+    out["value"] = median(values)
+    if intervals and len(intervals) == len(values):
+        out["interval"] = [min(i[0] for i in intervals), max(i[1] for i in intervals)]
+        out["method"] = f"the run's own interval ({'; '.join(sorted(methods))}), one seed"
+    else:
+        out["interval"] = None
+        out["method"] = "one seed and no recorded interval: the uncertainty is unknown"
+    return out
 
 
-# ---------------------------------------------------------------- the study's ladder
+def noise_regime(batch_size: float, estimate: dict[str, Any] | None) -> str:
+    """'below' / 'near' / 'above' the noise scale when every value in its interval gives the
+    same answer (:func:`critical_batch_verdict`, monotone in the critical batch, so the two
+    ends decide); 'uncertain' otherwise, or without an interval."""
+    if not estimate or not estimate.get("interval"):
+        return "uncertain"
+    lo, hi = estimate["interval"]
+    ends = {critical_batch_verdict(batch_size, lo), critical_batch_verdict(batch_size, hi)}
+    return ends.pop() if len(ends) == 1 and "unknown" not in ends else "uncertain"
 
 
-def ladder_data(study_dir: str | Path, target: float | None = None) -> dict[str, Any]:
-    """The rungs of the study (completed small_batch + large_batch runs of one model/data and one
-    step budget), their curves averaged over seeds, the two readings and the fit."""
+def value_at(steps: list[int], values: list[float], step: int) -> float | None:
+    """The value at the first step at or after ``step`` (the last value if the run is shorter)."""
+    for s, v in zip(steps, values):
+        if s >= step:
+            return v
+    return values[-1] if values else None
+
+
+def select_rungs(
+    records: list[dict[str, Any]],
+) -> tuple[tuple[Any, Any], dict[int, list[dict[str, Any]]]] | None:
+    """The ladder's records: completed small_batch and large_batch runs of the most common
+    (model/data configuration, step budget), by batch size. None when there is none."""
     recs = [
         r
-        for r in read_records(study_dir)
+        for r in records
         if r.get("experiment") in ("small_batch", "large_batch") and r.get("status") == "completed"
     ]
     if not recs:
-        return {"rungs": [], "note": "no completed small_batch/large_batch runs"}
+        return None
     key, _ = Counter((r.get("compat_key"), r.get("max_steps")) for r in recs).most_common(1)[0]
-    recs = [r for r in recs if (r.get("compat_key"), r.get("max_steps")) == key]
     by_batch: dict[int, list[dict[str, Any]]] = {}
     for r in recs:
-        by_batch.setdefault(int(r["batch_size"]), []).append(r)
-    rungs = []
-    for b in sorted(by_batch):
-        # metrics.csv next to its result.json: a moved or copied study still reads.
-        curves = [read_curve(Path(r["_path"]).with_name("metrics.csv")) for r in by_batch[b]]
-        curves = [c for c in curves if c[0]]
-        if not curves:
-            continue
-        n = min(len(c[0]) for c in curves)
-        steps = curves[0][0][:n]
-        sm = [smooth(c[1][:n]) for c in curves]
-        mean = [statistics.fmean(v[i] for v in sm) for i in range(n)]
-        gns = [r["gradient_noise_scale"] for r in by_batch[b] if r.get("gradient_noise_scale")]
-        rungs.append(
-            {
-                "batch_size": b,
-                "runs": [r["run_id"] for r in by_batch[b]],
-                "experiments": sorted({r["experiment"] for r in by_batch[b]}),
-                "lr": statistics.fmean(float(r["lr"]) for r in by_batch[b]),
-                "steps": steps,
-                "smoothed_loss": mean,
-                "final_val_loss": _mean_or_none([r.get("final_val_loss") for r in by_batch[b]]),
-                "gradient_noise_scale": statistics.median(gns) if gns else None,
-            }
-        )
+        if (r.get("compat_key"), r.get("max_steps")) == key:
+            by_batch.setdefault(int(r["batch_size"]), []).append(r)
+    return key, by_batch
+
+
+def rung(records: list[dict[str, Any]], steps: list[int], smoothed_mean: list[float]) -> dict:
+    """One rung from its records (one per seed) and its seed-mean smoothed loss curve."""
+    gns = [r["gradient_noise_scale"] for r in records if r.get("gradient_noise_scale")]
+    return {
+        "batch_size": int(records[0]["batch_size"]),
+        "runs": [r["run_id"] for r in records],
+        "experiments": sorted({r["experiment"] for r in records}),
+        "lr": statistics.fmean(float(r["lr"]) for r in records),
+        "steps": steps,
+        "smoothed_loss": smoothed_mean,
+        "final_val_loss": _mean_or_none([r.get("final_val_loss") for r in records]),
+        "gradient_noise_scale": statistics.median(gns) if gns else None,
+    }
+
+
+def analyse_ladder(
+    rungs: list[dict[str, Any]],
+    key: tuple[Any, Any],
+    target: float | None = None,
+    noise: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Loss at fixed steps, steps to the target loss, Shallue's regime per rung step, the fit of
+    S = S_min (1 + B_crit / B), and where each rung sits against the noise scale ``noise``
+    (:func:`noise_scale_estimate`), from the rungs (ordered by batch size)."""
     if not rungs:
         return {"rungs": [], "note": "the runs have no metrics.csv rows"}
     max_steps = key[1] or max(r["steps"][-1] for r in rungs)
     probe_steps = sorted({max(1, round(max_steps * f)) for f in (0.25, 0.5, 1.0)})
     for r in rungs:
-        r["loss_at_step"] = {str(s): _at(r["steps"], r["smoothed_loss"], s) for s in probe_steps}
+        r["loss_at_step"] = {
+            str(s): value_at(r["steps"], r["smoothed_loss"], s) for s in probe_steps
+        }
         r["final_smoothed_loss"] = r["smoothed_loss"][-1]
     finals = [r["final_smoothed_loss"] for r in rungs if math.isfinite(r["final_smoothed_loss"])]
     given = target is not None
@@ -175,8 +225,21 @@ def ladder_data(study_dir: str | Path, target: float | None = None) -> dict[str,
     fit = fit_critical_batch(
         [r["batch_size"] for r in rungs], [r["steps_to_target"] for r in rungs]
     )
+    reached = len({r["batch_size"] for r in rungs if r["steps_to_target"] is not None})
+    if fit is not None:
+        fit_note = f"least squares over {reached} batch sizes"
+    elif reached < MIN_FIT_RUNGS:
+        fit_note = (
+            f"it needs at least {MIN_FIT_RUNGS} batch sizes that reach the target "
+            f"({reached} did); two determine S_min and B_crit exactly, with nothing left to "
+            "check the model against"
+        )
+    else:
+        fit_note = "the least-squares fit is non-physical (S_min <= 0 or B_crit < 0)"
     all_gns = [r["gradient_noise_scale"] for r in rungs if r["gradient_noise_scale"]]
     noise_scale = statistics.median(all_gns) if all_gns else None
+    for r in rungs:
+        r["noise_regime"] = noise_regime(r["batch_size"], noise)
     return {
         "rungs": rungs,
         "compat_key": key[0],
@@ -185,172 +248,24 @@ def ladder_data(study_dir: str | Path, target: float | None = None) -> dict[str,
         "target_loss": target,
         "target_rule": "given" if given else "worst final smoothed loss",
         "fit": fit,
+        "fit_note": fit_note,
         "empirical_critical_batch": fit["b_crit"] if fit else None,
         "gradient_noise_scale": noise_scale,
+        "noise_scale": noise,
         "smoothing": SMOOTHING,
     }
 
 
-def ladder_section(
-    study_dir: str | Path, out_dir: str | Path, target: float | None = None
-) -> tuple[str, dict[str, Any], list[str]]:
-    """(markdown, json-able data, PNG paths) of the batch-size ladder, for the report."""
-    d = ladder_data(study_dir, target)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rungs = d["rungs"]
-    lines = ["## Batch-size ladder", ""]
-    gns = d.get("gradient_noise_scale")
-    if not rungs:
-        lines.append(f"No ladder: {d.get('note')}.")
-        return "\n".join(lines) + "\n", _public(d), []
-    if gns:
-        lines.append(
-            f"Gradient noise scale B_simple (McCandlish et al. 2018), median of the runs: "
-            f"**{gns:.3g} sequences**."
-        )
-        for r in rungs:
-            v = critical_batch_verdict(r["batch_size"], gns)
-            lines.append(
-                f"- batch {r['batch_size']} ({', '.join(r['experiments'])}) is **{v}** the "
-                "estimated critical batch"
-            )
-        lines.append("")
-    if len(rungs) < 2:
-        lines.append(
-            "One batch size only: run `-m experiment=large_batch batch_size=…` over several sizes "
-            "for the ladder."
-        )
-        return "\n".join(lines) + "\n", _public(d), []
-    steps_cols = d["loss_steps"]
-    lines += [
-        f"Same step budget ({d['max_steps']} optimizer steps); smoothed training loss (EMA "
-        f"{SMOOTHING}). Target loss for steps-to-target: {d['target_loss']:.4f} "
-        f"({d['target_rule']}).",
-        "",
-        "| batch | lr | "
-        + " | ".join(f"loss @ {s}" for s in steps_cols)
-        + " | steps to target | efficiency | regime (Shallue et al. 2018) | B_simple |",
-        "|" + "---|" * (len(steps_cols) + 6),
+def public(d: dict[str, Any]) -> dict[str, Any]:
+    """The ladder for comparison.json: without the per-step curves (they are in each run's
+    metrics.csv)."""
+    out = {k: v for k, v in d.items() if k != "rungs"}
+    out["rungs"] = [
+        {k: v for k, v in r.items() if k not in ("steps", "smoothed_loss")} for r in d["rungs"]
     ]
-    for r in rungs:
-        lines.append(
-            f"| {r['batch_size']} | {r['lr']:.4g} | "
-            + " | ".join(_fmt(r["loss_at_step"][str(s)]) for s in steps_cols)
-            + f" | {r['steps_to_target'] if r['steps_to_target'] is not None else 'not reached'}"
-            + f" | {_fmt(r['efficiency'], '.2f')} | {r['regime'] or '–'} | {_fmt(r['gradient_noise_scale'], '.3g')} |"
-        )
-    bc = d["empirical_critical_batch"]
-    lines += [
-        "",
-        (
-            f"Fit S = S_min (1 + B_crit/B) (McCandlish et al. 2018, eq. 2.11): S_min = "
-            f"{d['fit']['s_min']:.3g} steps, empirical critical batch **B_crit = {bc:.3g}** sequences"
-            if bc
-            else "The fit S = S_min (1 + B_crit/B) is not resolved by these rungs"
-        )
-        + (f"; the gradient noise scale estimates {gns:.3g}." if gns else "."),
-        "",
-        "The LR of each rung follows the study's rule (not tuned per batch as in Shallue et al.), "
-        "and the schedule's decay is tied to the step budget: read steps-to-target with that in "
-        "mind.",
-    ]
-    pngs = _plot(d, out)
-    for p in pngs:
-        lines.append(f"\n![{Path(p).stem}]({Path(p).name})")
-    return "\n".join(lines) + "\n", _public(d), pngs
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _plot(d: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rungs = d["rungs"]
-    bs = [r["batch_size"] for r in rungs]
-    gns, bc = d.get("gradient_noise_scale"), d.get("empirical_critical_batch")
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s in d["loss_steps"]:
-        ax.plot(bs, [r["loss_at_step"][str(s)] for r in rungs], "o-", label=f"step {s}")
-    _marks(ax, gns, bc)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size (sequences)")
-    ax.set_ylabel("smoothed training loss")
-    ax.set_title("Loss at a fixed step against batch size")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out / "ladder_loss_at_step.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(str(p))
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    pts = [(r["batch_size"], r["steps_to_target"]) for r in rungs if r["steps_to_target"]]
-    if pts:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="k", label="measured")
-        b0, s0 = pts[0]
-        grid = [bs[0] * (bs[-1] / bs[0]) ** (i / 50) for i in range(51)]
-        ax.plot(grid, [s0 * b0 / b for b in grid], "--", color="grey", label="perfect scaling")
-        if d.get("fit"):
-            f = d["fit"]
-            ax.plot(
-                grid,
-                [f["s_min"] * (1 + f["b_crit"] / b) for b in grid],
-                "-",
-                label="S_min (1 + B_crit/B)",
-            )
-            ax.axhline(f["s_min"], color="C0", lw=0.8, ls=":", label="S_min")
-    _marks(ax, gns, bc)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size (sequences)")
-    ax.set_ylabel(f"steps to loss {d['target_loss']:.3f}")
-    ax.set_title("Steps to target loss against batch size")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out / "ladder_steps_to_target.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(str(p))
-    return paths
-
-
-def _marks(ax: Any, gns: float | None, bc: float | None) -> None:
-    if gns:
-        ax.axvline(gns, color="C3", ls="--", lw=1, label=f"B_simple {gns:.3g}")
-    if bc:
-        ax.axvline(bc, color="C2", ls="-.", lw=1, label=f"empirical B_crit {bc:.3g}")
-
-
-def _at(steps: list[int], values: list[float], step: int) -> float | None:
-    for s, v in zip(steps, values):
-        if s >= step:
-            return v
-    return values[-1] if values else None
+    return out
 
 
 def _mean_or_none(xs: list[Any]) -> float | None:
     xs = [float(x) for x in xs if x is not None]
     return statistics.fmean(xs) if xs else None
-
-
-def _fmt(x: float | None, spec: str = ".4f") -> str:
-    return "–" if x is None else format(x, spec)
-
-
-def _public(d: dict[str, Any]) -> dict[str, Any]:
-    """JSON-able, without the per-step curves (they are in each run's metrics.csv)."""
-    out = {k: v for k, v in d.items() if k != "rungs"}
-    out["rungs"] = [
-        {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-        for r in (
-            {k: v for k, v in r.items() if k not in ("steps", "smoothed_loss")} for r in d["rungs"]
-        )
-    ]
-    return out

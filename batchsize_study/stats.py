@@ -130,6 +130,44 @@ def paired_test(diffs: list[float], level: float) -> dict[str, Any] | None:
     return out
 
 
+def welch_test(a: Sequence[float], b: Sequence[float], level: float) -> dict[str, Any] | None:
+    """Welch's unequal-variance t-test of mean(b) - mean(a) for two unpaired groups (Welch 1947,
+    "The generalization of Student's problem when several different population variances are
+    involved"; Welch-Satterthwaite degrees of freedom), via scipy.stats.ttest_ind.
+
+    None with fewer than two values in either group. When both groups have no spread the test
+    is undefined (t, p and the interval are None), never p = 0.
+    """
+    x = [v for v in a if math.isfinite(v)]
+    y = [v for v in b if math.isfinite(v)]
+    if len(x) < 2 or len(y) < 2:
+        return None
+    mean = statistics.fmean(y) - statistics.fmean(x)
+    out: dict[str, Any] = {"n_small": len(x), "n_large": len(y), "mean_difference": mean}
+    out["level"] = level
+    if not (statistics.stdev(x) > 0 or statistics.stdev(y) > 0):
+        out.update(
+            t=None,
+            df=None,
+            p_value=None,
+            interval=None,
+            significant=False,
+            undefined="no spread within either group: nothing to test against",
+        )
+        return out
+    res = sps.ttest_ind(y, x, equal_var=False)
+    ci = res.confidence_interval(level)
+    p = float(res.pvalue)
+    out.update(
+        t=float(res.statistic),
+        df=float(res.df),
+        p_value=p,
+        interval=[float(ci.low), float(ci.high)],
+        significant=bool(p < 1.0 - level),
+    )
+    return out
+
+
 def paired_bootstrap(
     a: Sequence[float] | np.ndarray,
     b: Sequence[float] | np.ndarray,

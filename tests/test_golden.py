@@ -50,8 +50,9 @@ def _normalise(obj: Any, sdir: str) -> Any:
         return [_normalise(v, sdir) for v in obj]
     if isinstance(obj, str):
         s = obj.replace(sdir, "<study>")
-        s = re.sub(r"(-seed\d+)-[0-9a-f]{10}\b", r"\1-<hash>", s)  # run ids carry the config hash
-        return re.sub(r"runs/[^/\s,)]+/", "runs/<run>/", s)
+        s = re.sub(r"runs/[^/\s,)]+/", "runs/<run>/", s)
+        # a run id ends in its config hash, which is volatile (see VOLATILE)
+        return re.sub(r"(-seed\d+-)[0-9a-f]{10}\b", r"\1<hash>", s)
     return obj
 
 

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from batchsize_study.config import ProbeConfig
+from batchsize_study.config import CompareConfig, ProbeConfig
 from batchsize_study.errors import ConfigError
 from batchsize_study.experiments import run
-from batchsize_study.probe import (
+from batchsize_study.probe_analysis import (
     SUMMARY,
     analyse,
     final_loss,
     final_loss_se,
-    probe_section,
     still_improving,
 )
+from batchsize_study.report.sections import ReportContext, probe_section
 from batchsize_study.study import read_records
 
 
@@ -93,10 +93,12 @@ def test_smoke_stability_probe_end_to_end(cfg_factory, tmp_path: Path):
     assert summary["lr_find"] is not None and len(summary["lr_find"]["lrs"]) == 15
     on_disk = json.loads(Path(summary["_path"]).read_text())
     assert on_disk["first_bad_multiple"] == summary["first_bad_multiple"]
-    md, data, pngs = probe_section(study, tmp_path / "report")
-    assert "Is x real?" in md and "lr_find" in md
-    assert data["unstable_lr"] == sc["unstable_lr"]
-    assert [Path(p).name for p in pngs] == ["stability_probe.png"] and Path(pngs[0]).exists()
+    out = tmp_path / "report"
+    out.mkdir()
+    sec = probe_section(read_records(study), ReportContext(out, CompareConfig()))
+    assert sec.title == "Is x real? (stability probe)" and "lr_find" in sec.markdown
+    assert sec.data["unstable_lr"] == sc["unstable_lr"]
+    assert sec.plots == ["stability_probe.png"] and (out / "stability_probe.png").exists()
 
 
 def test_probe_without_superconvergence_says_what_to_run(cfg_factory):

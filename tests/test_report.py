@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from conftest import REPO, make_cfg
 
-from batchsize_study import report
+from batchsize_study import report, stats
 from batchsize_study.errors import ConfigError, UserError
 from batchsize_study.experiments import run
 from batchsize_study.recorder import CSV_FIELDS
+from batchsize_study.report import sections
 from batchsize_study.study import write_json_atomic
 
 SEQ = 8
@@ -89,23 +90,22 @@ def curve(steps: int, offset: float = 0.0, scale: float = 1.0, noise: float = 0.
     ("df", "expected"), [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)]
 )
 def test_t_quantile_matches_the_table(df: int, expected: float) -> None:
-    assert report.t_quantile(0.95, df) == pytest.approx(expected, abs=2e-3)
-    assert report.t_two_sided_p(expected, df) == pytest.approx(0.05, abs=1e-3)
+    assert stats.t_quantile(0.95, df) == pytest.approx(expected, abs=2e-3)
 
 
 def test_ema_is_bias_corrected_and_skips_nonfinite() -> None:
-    out = report.ema(np.array([2.0, 2.0, math.nan, 2.0]), 0.9)
+    out = stats.ema(np.array([2.0, 2.0, math.nan, 2.0]), 0.9)
     assert out == pytest.approx([2.0, 2.0, 2.0, 2.0])
-    assert report.ema(np.array([1.0, 3.0]), 0.0) == pytest.approx([1.0, 3.0])
+    assert stats.ema(np.array([1.0, 3.0]), 0.0) == pytest.approx([1.0, 3.0])
 
 
 def test_paired_test_separates_effect_from_spread() -> None:
-    clear = report.paired_test([-0.10, -0.11, -0.09], 0.95)
-    noise = report.paired_test([-0.10, 0.12, 0.01], 0.95)
+    clear = stats.paired_test([-0.10, -0.11, -0.09], 0.95)
+    noise = stats.paired_test([-0.10, 0.12, 0.01], 0.95)
     assert clear is not None and noise is not None
     assert clear["significant"] and clear["interval"][1] < 0
     assert not noise["significant"] and noise["interval"][0] < 0 < noise["interval"][1]
-    assert report.paired_test([-0.1], 0.95) is None
+    assert stats.paired_test([-0.1], 0.95) is None
 
 
 # ---------------------------------------------------------------- verdicts (synthetic)
@@ -259,15 +259,65 @@ def test_a_section_is_one_function(tmp_path: Path) -> None:
         n = len(study.large)
         return report.Section("extra", "Extra", f"{n} large group(s)", {"n": n})
 
-    saved = list(report.SECTIONS)
-    try:
-        report.register_section(section_extra, before="section_runs")
-        comp = report.build_report(tmp_path)
-    finally:
-        report.SECTIONS[:] = saved
+    i = report.SECTIONS.index(sections.section_runs)
+    order = (*report.SECTIONS[:i], section_extra, *report.SECTIONS[i:])
+    comp = report.build_report(tmp_path, sections=order)
     assert comp["extra"] == {"n": 1}
     assert comp["sections"].index("extra") == comp["sections"].index("runs") - 1
     assert "## Extra\n\n1 large group(s)" in (tmp_path / "report" / "report.md").read_text()
+    assert "extra" not in report.build_report(tmp_path)["sections"]  # nothing global changed
+
+
+def test_an_external_section_is_adapted(tmp_path: Path) -> None:
+    """A section built elsewhere as (markdown, data, PNG paths), e.g. an LR sweep."""
+    write_run(tmp_path, "small_batch", 8, 0, curve(20))
+    write_run(tmp_path, "large_batch", 16, 0, curve(20))
+
+    def sweep(study_dir: Path, out_dir: Path) -> tuple[str, dict, list[str]]:
+        (out_dir / "sweep.png").write_bytes(b"png")
+        return (
+            f"## LR sweep\n\nswept {study_dir.name}",
+            {"best_lr": 0.01},
+            [str(out_dir / "sweep.png")],
+        )
+
+    order = (*report.SECTIONS, sections.external("lr_sweep", "LR sweep", sweep))
+    comp = report.build_report(tmp_path, sections=order)
+    assert comp["lr_sweep"] == {"best_lr": 0.01} and "sweep.png" in comp["plots"]
+    assert (
+        f"## LR sweep\n\nswept {tmp_path.name}\n" in (tmp_path / "report" / "report.md").read_text()
+    )
+
+
+def test_the_report_imports_no_training() -> None:
+    """Arrows point one way: the report (and the pure analysis it reads) never imports the
+    training or experiment layer, lazily or not (issue 10)."""
+    import ast
+
+    pkg = REPO / "batchsize_study"
+    files = [*sorted((pkg / "report").glob("*.py")), pkg / "ladder.py", pkg / "probe_analysis.py"]
+    banned = {"experiments", "training", "runtime", "record", "recorder", "model", "data", "probe"}
+    banned |= {"checkpointing", "noise", "spike", "callbacks", "lightning", "torch"}
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                top = parts[1] if parts[0] == "batchsize_study" and len(parts) > 1 else parts[0]
+                assert top not in banned, f"{f.name} imports {name}"
+    code = (
+        "import sys, batchsize_study.report; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'torch') or "
+        "m.split('.')[:2] in (['batchsize_study', b] for b in "
+        "('experiments', 'training', 'recorder', 'model', 'data', 'probe'))]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
@@ -289,10 +339,83 @@ def test_cli_multirun_with_compare_last(tmp_path: Path) -> None:
     assert len(list((tmp_path / "report").glob("*.png"))) >= 4
 
 
-def test_groups_without_a_common_seed_get_no_paired_test(tmp_path: Path) -> None:
-    for seed in (0, 1):
+def test_groups_without_a_common_seed_get_a_welch_test(tmp_path: Path) -> None:
+    """Unpaired seed groups: an unpaired (Welch) test, not a verdict from the sign alone."""
+    for seed in (0, 1, 2):
         write_run(tmp_path, "small_batch", 8, seed, curve(20, noise=0.01, seed=seed))
-        write_run(tmp_path, "large_batch", 16, seed + 5, curve(20, offset=-0.1, seed=seed))
+        large = curve(20, offset=-0.1, noise=0.01, seed=20 + seed)
+        write_run(tmp_path, "large_batch", 16, seed + 5, large)
     v = report.build_report(tmp_path)["verdict"]["comparisons"][0]
-    assert v["per_step"]["unpaired"] and v["per_step"]["final"]["test"] is None
-    assert "share no seed" in v["text"]
+    test = v["per_step"]["final"]["test"]
+    assert v["per_step"]["unpaired"] and test["kind"] == "welch" and test["significant"]
+    assert test["n_small"] == 3 and test["n_large"] == 3 and test["interval"][1] < 0
+    assert v["per_step_verdict"] == "supported"
+    assert "share no seed" in v["text"] and "Welch" in v["text"]
+
+
+def test_unpaired_single_seeds_are_untested(tmp_path: Path) -> None:
+    """One seed each, different seeds: no pairing and no spread; the sign alone is no verdict."""
+    write_run(tmp_path, "small_batch", 8, 0, curve(20), {20: 3.5})
+    write_run(tmp_path, "large_batch", 16, 5, curve(20, offset=-0.1), {20: 3.4})
+    v = report.build_report(tmp_path)["verdict"]["comparisons"][0]
+    assert v["per_step_verdict"] == "untested" and v["per_token_verdict"] == "untested"
+    assert v["per_step"]["final"]["test"] is None
+    assert "untested" in v["text"] and "share no seed" in v["text"]
+
+
+def test_identical_per_seed_differences_give_no_verdict(tmp_path: Path) -> None:
+    """se = 0: the paired test is undefined (not p = 0) and the report draws no verdict from it."""
+    for seed in range(3):
+        write_run(tmp_path, "small_batch", 8, seed, curve(30), {30: 3.5})
+        write_run(tmp_path, "large_batch", 16, seed, curve(30, offset=-0.1), {30: 3.4})
+    comp = report.build_report(tmp_path)
+    v = comp["verdict"]["comparisons"][0]
+    test = v["per_step"]["final"]["test"]
+    assert test["p_value"] is None and test["undefined"]
+    assert v["per_step_verdict"] == "untested"
+    assert "undefined" in v["text"] and "no verdict" in v["text"]
+    assert "p = 0" not in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_per_token_curves_are_smoothed_over_the_same_tokens(tmp_path: Path) -> None:
+    """Two runs with the same loss as a function of tokens (batch 8 and 32, 4x the tokens per
+    step) must match per token. An EMA per step spans 4x more tokens for the large batch, so
+    on a falling curve it lags behind and reads ~0.05 nats high at the end."""
+    loss = lambda tokens: 3.0 + 2.0 * np.exp(-tokens / 3000.0)  # noqa: E731
+    write_run(tmp_path, "small_batch", 8, 0, loss(np.arange(1, 201) * 8 * SEQ))
+    write_run(tmp_path, "large_batch", 32, 0, loss(np.arange(1, 51) * 32 * SEQ))
+    comp = report.build_report(tmp_path)
+    v = comp["verdict"]["comparisons"][0]
+    assert v["per_token"]["final"]["metric"] == "smoothed_train_loss"
+    assert abs(v["per_token"]["final"]["difference"]) < 0.003
+    # from 6,400 tokens on (per-step smoothing: 0.21 nats apart there)
+    late = np.array(v["curves"]["per_token"]["difference_mean"])[100:]
+    assert np.max(np.abs(late)) < 0.015
+    assert "per token" in comp["verdict"]["metric_note"]
+
+
+@pytest.mark.parametrize(("se", "exceeds"), [(0.02, False), (0.002, True)])
+def test_validation_standard_error_is_shown_and_judged(
+    tmp_path: Path, se: float, exceeds: bool
+) -> None:
+    """Records may carry final_val_loss_se (the SE of the mean loss over validation windows):
+    the runs table shows it and the verdict says whether the final difference exceeds it."""
+    write_run(tmp_path, "small_batch", 8, 0, curve(30), {30: 3.50}, final_val_loss_se=se)
+    write_run(tmp_path, "large_batch", 16, 0, curve(30), {30: 3.48}, final_val_loss_se=se)
+    comp = report.build_report(tmp_path)
+    final = comp["verdict"]["comparisons"][0]["per_step"]["final"]
+    assert final["metric"] == "val_loss"
+    assert final["val_se"]["difference"] == pytest.approx(math.sqrt(2) * se)
+    assert final["val_se"]["exceeds"] is exceeds
+    text = comp["verdict"]["comparisons"][0]["text"]
+    assert ("exceeds" if exceeds else "does not exceed") + " the validation set's noise" in text
+    assert {r["final_val_loss_se"] for r in comp["runs"]} == {se}
+    assert f"3.5000 ± {se:.4f}" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_records_without_a_validation_se_still_report(tmp_path: Path) -> None:
+    write_run(tmp_path, "small_batch", 8, 0, curve(30), {30: 3.50})
+    write_run(tmp_path, "large_batch", 16, 0, curve(30), {30: 3.48})
+    comp = report.build_report(tmp_path)
+    assert comp["verdict"]["comparisons"][0]["per_step"]["final"]["val_se"] is None
+    assert "validation set's noise" not in comp["verdict"]["comparisons"][0]["text"]

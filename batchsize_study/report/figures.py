@@ -1,9 +1,10 @@
-"""The report's figures. Each function takes the loaded study and returns a matplotlib Figure
-(built without pyplot, so no GUI backend and no global state: PNGs are rendered by Agg). The
-report saves them; the notebook displays the same objects."""
+"""The report's figures, in one style. Each function returns a matplotlib Figure built without
+pyplot (no GUI backend, no global state; Agg renders the PNG). The report saves them with
+:func:`save` at ``compare.dpi``; the notebook displays the same objects."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FixedLocator, NullFormatter, NullLocator
 
-from batchsize_study.report import Group, Study, lr_marks
+from batchsize_study.report.compare import lr_marks
+from batchsize_study.report.load import Group, Study
 
 SMALL_COLOR = "#1f77b4"
 LARGE_COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
@@ -26,6 +28,11 @@ def _figure(w: float = 8.0, h: float = 5.0, ncols: int = 1) -> tuple[Figure, Any
     FigureCanvasAgg(fig)  # Agg renders the PNG; no pyplot, no display needed
     axes = fig.subplots(1, ncols)
     return fig, axes
+
+
+def save(fig: Figure, path: str | Path, dpi: int) -> None:
+    """Write a figure as PNG: the one resolution (``compare.dpi``) and margin rule."""
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
 
 
 def group_color(study: Study, group: Group) -> str:
@@ -321,3 +328,134 @@ def _lr_ticks(ax: Axes, lrs: list[float]) -> None:
     ax.set_xticklabels([f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+# ---------------------------------------------------------------- the batch-size ladder
+
+
+def _noise_marks(ax: Axes, d: dict[str, Any]) -> None:
+    """B_simple (with its interval, shaded, where there is one) and the fitted B_crit."""
+    est, bc = d.get("noise_scale"), d.get("empirical_critical_batch")
+    if est:
+        gns = est["value"]
+        ax.axvline(gns, color="C3", ls="--", lw=1, label=f"B_simple {gns:.3g}")
+        if est.get("interval"):  # shaded within the plotted range: it may span decades
+            lo, hi = est["interval"]
+            xlim = ax.get_xlim()
+            ax.axvspan(
+                max(lo, xlim[0]),
+                min(hi, xlim[1]),
+                color="C3",
+                alpha=0.08,
+                label=f"B_simple {est['level']:.0%} interval [{lo:.3g}, {hi:.3g}]",
+            )
+            ax.set_xlim(xlim)
+    if bc:
+        ax.axvline(bc, color="C2", ls="-.", lw=1, label=f"empirical B_crit {bc:.3g}")
+
+
+def ladder_loss_at_step(d: dict[str, Any]) -> Figure:
+    """Smoothed training loss at fixed steps against batch size (one line per step)."""
+    fig, ax = _figure(6.0, 4.0)
+    rungs = d["rungs"]
+    bs = [r["batch_size"] for r in rungs]
+    for s in d["loss_steps"]:
+        ax.plot(bs, [r["loss_at_step"][str(s)] for r in rungs], "o-", label=f"step {s}")
+    ax.set_xscale("log", base=2)
+    _noise_marks(ax, d)
+    ax.set_xlabel("batch size (sequences)")
+    ax.set_ylabel("smoothed training loss")
+    ax.set_title("Loss at a fixed step against batch size")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def ladder_steps_to_target(d: dict[str, Any]) -> Figure:
+    """Steps to the target loss against batch size, beside perfect scaling and the fit
+    S = S_min (1 + B_crit / B) (McCandlish et al. 2018, eq. 2.11)."""
+    fig, ax = _figure(6.0, 4.0)
+    rungs = d["rungs"]
+    bs = [r["batch_size"] for r in rungs]
+    pts = [(r["batch_size"], r["steps_to_target"]) for r in rungs if r["steps_to_target"]]
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="k", label="measured")
+        b0, s0 = pts[0]
+        grid = [bs[0] * (bs[-1] / bs[0]) ** (i / 50) for i in range(51)]
+        ax.plot(grid, [s0 * b0 / b for b in grid], "--", color="grey", label="perfect scaling")
+        if d.get("fit"):
+            f = d["fit"]
+            ax.plot(
+                grid,
+                [f["s_min"] * (1 + f["b_crit"] / b) for b in grid],
+                "-",
+                label="S_min (1 + B_crit/B)",
+            )
+            ax.axhline(f["s_min"], color="C0", lw=0.8, ls=":", label="S_min")
+    ax.set_xscale("log", base=2)
+    _noise_marks(ax, d)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size (sequences)")
+    ax.set_ylabel(f"steps to loss {d['target_loss']:.3f}")
+    ax.set_title("Steps to target loss against batch size")
+    ax.legend(fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------- the stability probe
+
+
+def stability_probe(rec: dict[str, Any], losses: dict[float, list[float]]) -> Figure:
+    """Left: each constant-LR probe's training loss per step (``losses`` by multiple of x).
+    Right: final loss against LR with x, the probe boundary and lr_find's suggestion."""
+    fig, (ax1, ax2) = _figure(11.0, 4.0, ncols=2)
+    x = rec["unstable_lr"]
+    for p in rec["probes"]:
+        steps_losses = losses.get(p["multiple"]) or []
+        if steps_losses:
+            ax1.plot(
+                range(1, len(steps_losses) + 1),
+                [v if np.isfinite(v) else float("nan") for v in steps_losses],
+                lw=1,
+                label=f"{p['multiple']:g} x",
+            )
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("training loss")
+    ax1.set_title("Constant-LR probes")
+    ax1.legend(fontsize=8)
+    finite = [p for p in rec["probes"] if p["final_loss"] is not None]
+    ax2.plot(
+        [p["lr"] for p in finite],
+        [p["final_loss"] for p in finite],
+        "o-",
+        color="k",
+        label="probe final loss",
+    )
+    ax2.axvline(x, color="C3", ls="--", label=f"x = {x:.3g}")
+    if rec.get("boundary_lr"):
+        ax2.axvline(
+            rec["boundary_lr"],
+            color="C2",
+            ls="-.",
+            label=f"probe boundary {rec['boundary_lr']:.3g}",
+        )
+    finder = rec.get("lr_find") or {}
+    if finder.get("suggestion"):
+        ax2.axvline(
+            finder["suggestion"], color="C0", ls=":", label=f"lr_find {finder['suggestion']:.3g}"
+        )
+    if finder.get("lrs"):
+        ax3 = ax2.twinx()
+        ax3.plot(
+            finder["lrs"],
+            [v if v is not None else float("nan") for v in finder["losses"]],
+            color="C0",
+            lw=0.8,
+            alpha=0.6,
+        )
+        ax3.set_ylabel("lr_find loss", color="C0")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("learning rate")
+    ax2.set_ylabel("final training loss")
+    ax2.set_title("Where training stops improving")
+    ax2.legend(fontsize=8, loc="upper left")
+    return fig
