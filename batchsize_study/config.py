@@ -8,6 +8,7 @@ these dataclasses (or plain values), never a ``DictConfig``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,8 +118,20 @@ class TokenizerConfig:
     local tokenizer.json)."""
     vocab_size: int = 4096
     name: str | None = None
+    train_sample_mb: float = 32.0
+    """bpe: the tokenizer is trained on at most this many MB of training-split text, drawn across
+    the corpus by document hash. BPE's memory follows the sample's distinct words, so a bounded
+    sample bounds it at any corpus size. 32 covers the default stdlib corpus's training split
+    whole (about 29 MB: its tokenizer is the one trained on all of it); see
+    benchmarks/README.md for time and memory per sample size."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.train_sample_mb > 0,
+            "data.tokenizer.train_sample_mb",
+            self.train_sample_mb,
+            "use a positive number of MB, e.g. 32",
+        )
         _check(
             self.kind in ("bpe", "pretrained"),
             "data.tokenizer.kind",
@@ -168,6 +181,21 @@ class DataConfig:
     of a mean per-window loss stays below 0.01 nats for a per-window spread up to ~0.5 nats."""
     val_max_windows: int = 64
     """Validation windows evaluated at each validation (the first N: a fixed set)."""
+    streaming: bool = False
+    """hub: read the dataset with datasets' streaming mode (nothing downloaded or materialised
+    beyond what is read; pair it with max_tokens for a large dataset)."""
+    max_tokens: int | None = None
+    """Token budget: stop reading once the three splits together hold this many tokens (whole
+    documents; the cache records it). null: the caller's budget if it gives one, else read all.
+    To feed runs of T training tokens give about T / (1 - val_fraction - test_fraction)."""
+    block_chars: int = 65536
+    """Long texts are cut into blocks of whole paragraphs of at most this many characters, each
+    a document of its own (see batchsize_study/data/sources.py for the exact rule)."""
+    long_document_chars: int = 4_000_000
+    """A file larger than this (bytes on disk), a row longer than this (characters), and the
+    only file of a corpus are cut into blocks; others stay whole documents."""
+    num_proc: int | None = None
+    """Encode processes; null uses every core this process may run on. Does not change tokens."""
     cache_dir: str | None = None
     """Token caches; null means $BATCHSIZE_STUDY_CACHE, else ~/.cache/batchsize_study."""
     num_workers: int = 0
@@ -215,6 +243,47 @@ class DataConfig:
                 "use at least 3 (train, val and test)",
             )
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
+        _check(
+            not self.streaming or self.source == "hub",
+            "data.streaming",
+            self.streaming,
+            "streaming applies to data=hub (files are always read as a stream); drop it",
+        )
+        if self.max_tokens is not None:
+            _check(
+                self.max_tokens >= 1,
+                "data.max_tokens",
+                self.max_tokens,
+                "use a positive number of tokens, or null to read the whole corpus",
+            )
+        _check(
+            self.block_chars >= 1024,
+            "data.block_chars",
+            self.block_chars,
+            "use at least 1024 characters per block",
+        )
+        _check(
+            self.long_document_chars >= self.block_chars,
+            "data.long_document_chars",
+            self.long_document_chars,
+            f"use at least data.block_chars={self.block_chars}",
+        )
+        if self.num_proc is not None:
+            _check(
+                self.num_proc >= 1,
+                "data.num_proc",
+                self.num_proc,
+                "use a positive number of processes, or null for every core",
+            )
+        if self.source == "text" and self.path and not any(c in self.path for c in "*?["):
+            path = os.path.expanduser(self.path)
+            _check(
+                os.path.exists(path),
+                "data.path",
+                self.path,
+                "no such file, folder or matching glob; give an existing text file, a folder of "
+                "them, or a glob such as 'corpus/*.txt'",
+            )
 
 
 @dataclass

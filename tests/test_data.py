@@ -19,7 +19,7 @@ from batchsize_study.data import (
     source_fingerprint,
     split_documents,
 )
-from batchsize_study.errors import DataError
+from batchsize_study.errors import DataError, UserError
 
 
 def small_cfg(tmp_path: Path, **kw) -> DataConfig:
@@ -113,9 +113,12 @@ def test_text_source_file_folder_and_glob(tmp_path):
     assert len(files) == 6
     _, (_, files) = source_fingerprint(DataConfig(source="text", path=str(d / "sub" / "0.txt")))
     assert len(files) == 1
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:  # checked when the settings are built, before any work
         source_fingerprint(DataConfig(source="text", path="/nonexistent/corpus"))
     assert "data.path='/nonexistent/corpus'" in str(e.value)
+    with pytest.raises(DataError) as e:  # a glob is checked when it is expanded
+        source_fingerprint(DataConfig(source="text", path="/nonexistent/*.txt"))
+    assert "data.path='/nonexistent/*.txt'" in str(e.value)
 
 
 def test_hub_source_with_a_local_stand_in(tmp_path):
