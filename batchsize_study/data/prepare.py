@@ -275,12 +275,12 @@ def _build_cache(
         tok.save(str(tmp / "tokenizer.json"))
         written = _encode_corpus(cfg, source, tok, eos, dtype, tmp, budget)
         empty = [s for s in SPLITS if not written.documents[s]]
-        if empty == list(SPLITS) or not written.documents["train"]:
+        if not written.nonempty:
             raise DataError(
                 f"{_describe(cfg)}: the corpus has no non-empty documents "
                 f"({written.seen} document(s), all empty or whitespace); point it at text"
             )
-        if empty:
+        if empty or written.nonempty < 3:
             raise DataError(
                 f"{_describe(cfg)}: {written.nonempty} non-empty document(s) cannot give train, "
                 f"validation and test splits; give at least three documents (files or rows), or "
@@ -419,9 +419,9 @@ class _SplitWriter:
 
 
 def _chunks(
-    cfg: DataConfig, docs: Iterator[Document], w: _Written
+    cfg: DataConfig, docs: Iterator[Document], w: _Written, chunk_chars: int
 ) -> Iterator[tuple[list[str], list[str]]]:
-    """(splits, texts) of consecutive non-empty documents, about ENCODE_CHUNK_CHARS each."""
+    """(splits, texts) of consecutive non-empty documents, about chunk_chars each."""
     splits: list[str] = []
     texts: list[str] = []
     size = 0
@@ -432,7 +432,7 @@ def _chunks(
         splits.append(split_of(d.name, cfg.val_fraction, cfg.test_fraction))
         texts.append(d.text)
         size += len(d.text)
-        if size >= ENCODE_CHUNK_CHARS:
+        if size >= chunk_chars:
             yield splits, texts
             splits, texts, size = [], [], 0
     if texts:
@@ -460,25 +460,29 @@ def _encode_corpus(
 ) -> _Written:
     writer = _SplitWriter(folder, budget)
     progress = _Progress(source.total_bytes, budget is None)
-    chunks = _chunks(cfg, iter_documents(cfg, source), writer.w)
     procs = num_processes(cfg)
     small = source.total_bytes is not None and source.total_bytes < 4 * ENCODE_CHUNK_CHARS
     if budget is not None:
         small = small or CHARS_PER_TOKEN_CAP * budget < 4 * ENCODE_CHUNK_CHARS
+    # A daemonic process (a worker of someone else's pool) may not start one of its own.
+    in_process = procs <= 1 or small or mp.current_process().daemon
+    in_flight = (1 if procs <= 1 else min(procs, 4)) if in_process else 2 * procs
+    chunk_chars = ENCODE_CHUNK_CHARS
+    if budget is not None:  # read at most ~25 % past the budget: chunks in flight are read
+        chunk_chars = min(chunk_chars, max(4096, CHARS_PER_TOKEN_CAP * budget // (4 * in_flight)))
+    chunks = _chunks(cfg, iter_documents(cfg, source), writer.w, chunk_chars)
     pool = None
     try:
-        # A daemonic process (a worker of someone else's pool) may not start one of its own.
-        if procs <= 1 or small or mp.current_process().daemon:
+        if in_process:
             # In this process; tokenizers' own threads parallelise each batch.
-            k = 1 if procs <= 1 else min(procs, 4)
             results: Iterator = (
-                (s, t, encode_texts(tok, t, eos, dtype)) for s, t in _batched(chunks, k)
+                (s, t, encode_texts(tok, t, eos, dtype)) for s, t in _batched(chunks, in_flight)
             )
         else:
             pool = mp.get_context("spawn").Pool(
                 procs, initializer=init_worker, initargs=(tok.to_str(), eos, dtype.name)
             )
-            results = _in_order(pool, chunks, dtype, in_flight=2 * procs)
+            results = _in_order(pool, chunks, dtype, in_flight=in_flight)
         for splits, texts, (tokens, lengths) in results:
             progress.update(sum(map(len, texts)), writer.total)
             writer.w.chars += sum(map(len, texts))
