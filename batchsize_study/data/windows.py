@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from batchsize_study.config import DataConfig
-from batchsize_study.data.prepare import PreparedCorpus, prepare_corpus
+from batchsize_study.data.prepare import PreparedCorpus
 from batchsize_study.errors import DataError
 
 
@@ -117,9 +117,14 @@ class TokenDataModule(pl.LightningDataModule):
         self.start_sample = 0  # set by resume: samples this rank already consumed
 
     def prepare_data(self) -> None:
-        # Already prepared by the experiment (it needs the vocabulary to build the model); this
-        # re-check is free when cached and keeps the module usable on its own.
-        prepare_corpus(self.cfg, self.seq_len)
+        # Prepared by the caller, which needs the vocabulary to build the model (and may have
+        # given prepare_corpus a token budget that the settings alone do not show): only check
+        # that the cache is still there.
+        if not os.path.exists(os.path.join(self.corpus.dir, "meta.json")):
+            raise DataError(
+                f"the token cache {self.corpus.dir} is gone; run again to rebuild it "
+                "(data.cache_dir or $BATCHSIZE_STUDY_CACHE)"
+            )
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
