@@ -28,6 +28,8 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -484,8 +486,15 @@ def _encode_corpus(
                 (s, t, encode_texts(tok, t, eos, dtype)) for s, t in _batched(chunks, in_flight)
             )
         else:
-            pool = mp.get_context("spawn").Pool(
-                procs, initializer=init_worker, initargs=(tok.to_str(), eos, dtype.name)
+            # A process pool that fails loudly (BrokenProcessPool) when a worker dies, where
+            # multiprocessing.Pool would wait for the lost task forever. Spawned workers import
+            # the caller's main module: a script calling this needs the usual
+            # `if __name__ == "__main__":` guard (or data.num_proc=1).
+            pool = ProcessPoolExecutor(
+                procs,
+                mp_context=mp.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(tok.to_str(), eos, dtype.name),
             )
             results = _in_order(pool, chunks, dtype, in_flight=in_flight)
         for splits, texts, (tokens, lengths) in results:
@@ -493,10 +502,14 @@ def _encode_corpus(
             writer.w.chars += sum(map(len, texts))
             if not _route(writer, splits, tokens, lengths):
                 break
+    except BrokenProcessPool:
+        raise DataError(
+            f"data.num_proc={cfg.num_proc}: an encode worker died (out of memory?); "
+            "use fewer processes, e.g. data.num_proc=1"
+        ) from None
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
         progress.close()
     return writer.close()
 
@@ -518,23 +531,23 @@ def _batched(
 
 
 def _in_order(
-    pool,  # noqa: ANN001 - multiprocessing.pool.Pool
+    pool: ProcessPoolExecutor,
     chunks: Iterator[tuple[list[str], list[str]]],
     dtype: np.dtype,
     in_flight: int,
 ) -> Iterator[tuple[list[str], list[str], tuple[np.ndarray, np.ndarray]]]:
-    """Results in submission order with at most ``in_flight`` chunks out (Pool.imap would read
-    the whole corpus ahead into its task queue)."""
+    """Results in submission order with at most ``in_flight`` chunks out (Executor.map and
+    Pool.imap would read the whole corpus ahead into their queues)."""
     pending: deque = deque()
     for splits, texts in chunks:
-        pending.append((splits, texts, pool.apply_async(encode_in_worker, (texts,))))
+        pending.append((splits, texts, pool.submit(encode_in_worker, texts)))
         if len(pending) >= in_flight:
-            s, t, res = pending.popleft()
-            data, lengths = res.get()
+            s, t, fut = pending.popleft()
+            data, lengths = fut.result()
             yield s, t, (np.frombuffer(data, dtype=dtype), lengths)
     while pending:
-        s, t, res = pending.popleft()
-        data, lengths = res.get()
+        s, t, fut = pending.popleft()
+        data, lengths = fut.result()
         yield s, t, (np.frombuffer(data, dtype=dtype), lengths)
 
 
