@@ -1,161 +1,236 @@
-"""Data path: first preparation of the default corpus, the cached start, and a nanoGPT-style
-baseline with the same tokenizer.
+"""Corpus preparation at size: throughput and peak memory, against a nanoGPT-style baseline.
 
-    python benchmarks/data_prep.py [--repeats 3] [overrides ...]
+    python benchmarks/data_prep.py [--sizes 0.1,0.3,1] [--single 1] [--files2 0.145]
+                                   [--baseline 0.1] [--work /tmp/bench-data]
 
-1. first preparation: ``data.prepare_corpus`` into an empty cache (read the stdlib, split by
-   document, train the BPE, encode, write uint16 files), timed by stage;
-2. cached start: ``prepare_corpus`` again (in this process, and in a fresh interpreter including
-   its imports), which only stats the files and reads meta.json;
-3. baseline (nanoGPT's data/openwebtext/prepare.py): ``datasets.Dataset.from_dict`` of the same
-   training documents, ``.map`` with the same trained tokenizer (per example, one process per
-   core), concatenate into a uint16 memmap in shards, write.
+Corpora are built locally from text already on this machine (the standard library's .py files,
+site-packages .py/.txt/.md/.rst/.pyi, /usr/share text), repeated under new names until each
+size is reached:
+- ``many``: the files as they are (tens of kB each), in repetition folders;
+- ``single``: one file, the same text concatenated (cut into paragraph blocks by the package);
+- ``files2``: two files (the issue's "145 MB in 2 files" row).
 
-The encode-and-write stage is what the baseline replaces, so its ratio is the fair one; the whole
-first preparation is printed too.
+Each preparation runs in a fresh child process (``prepare_corpus`` into an empty cache, BPE
+trained on the default bounded sample), and reports wall time, MB/s, and peak RSS of the main
+process and of the largest encode worker (``resource.getrusage``, ru_maxrss). The baseline, in
+its own child: nanoGPT's data/openwebtext/prepare.py with a Hugging Face tokenizer (the one our
+run trained) in place of tiktoken: ``load_dataset("text", sample_by="document")``,
+``.map(num_proc=N)`` per document, one uint16 memmap. Our side with that same tokenizer
+(``data.tokenizer.kind=pretrained``) is timed beside it, so the ratio compares encode + write
+alone; last line ``ratio R`` (baseline time / ours, > 1: ours is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
+import sysconfig
 import time
+from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+EXTS = (".py", ".txt", ".md", ".rst", ".pyi")
+
+OURS = r"""
+import json, resource, sys, time, logging
+from batchsize_study.config import DataConfig, TokenizerConfig
+from batchsize_study.data import prepare_corpus
+path, glob, cache, tok = sys.argv[1:5]
+tokenizer = TokenizerConfig(kind="pretrained", name=tok) if tok != "-" else TokenizerConfig()
+cfg = DataConfig(source="text", path=path, glob=glob, cache_dir=cache, tokenizer=tokenizer)
+t0 = time.perf_counter()
+c = prepare_corpus(cfg, 128)
+wall = time.perf_counter() - t0
+meta = json.load(open(c.dir + "/meta.json"))
+print(json.dumps({
+    "wall": wall, "tokens": c.train_tokens + c.val_tokens + c.test_tokens,
+    "docs": [c.train_documents, c.val_documents, c.test_documents],
+    "tokenizer_s": meta["seconds"]["tokenizer"], "tokenizer_path": c.tokenizer_path,
+    "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+}))
+"""
+
+BASELINE = r"""
+import json, os, resource, sys, time
 import numpy as np
-from _common import REPO, compose
+import datasets
+from tokenizers import Tokenizer
+datasets.disable_progress_bars()
+files, tok_path, out, cache, nproc = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+t0 = time.perf_counter()
+tok = Tokenizer.from_file(tok_path)
+eos = tok.token_to_id("<|endoftext|>")
+def process(example):
+    ids = tok.encode(example["text"], add_special_tokens=False).ids
+    ids.append(eos)
+    return {"ids": ids, "len": len(ids)}
+ds = datasets.load_dataset("text", data_files=json.load(open(files)), sample_by="document",
+                           split="train", cache_dir=cache)
+tokenized = ds.map(process, remove_columns=["text"], num_proc=nproc)
+arr_len = int(np.sum(tokenized["len"], dtype=np.uint64))
+arr = np.memmap(out, dtype=np.uint16, mode="w+", shape=(arr_len,))
+idx, total_batches = 0, min(1024, len(tokenized))
+for b in range(total_batches):
+    batch = tokenized.shard(num_shards=total_batches, index=b, contiguous=True).with_format("numpy")
+    arr_batch = np.concatenate(batch["ids"])
+    arr[idx : idx + len(arr_batch)] = arr_batch
+    idx += len(arr_batch)
+arr.flush()
+print(json.dumps({
+    "wall": time.perf_counter() - t0, "tokens": arr_len,
+    "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+}))
+"""
 
 
-def baseline_nanogpt(texts: list[str], tokenizer_path: str, out: str, eos: int) -> int:
-    """nanoGPT's prepare.py with a Hugging Face tokenizer in place of tiktoken."""
-    import datasets
-    from tokenizers import Tokenizer
+def source_files() -> list[Path]:
+    """Text files on this machine, in a fixed order."""
+    roots = [Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])]
+    roots += [Path("/usr/share/doc"), Path("/usr/share/common-licenses")]
+    seen: list[Path] = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for p in sorted(root.rglob("*")):
+            if p.suffix in EXTS and p.is_file() and not p.is_symlink():
+                size = p.stat().st_size
+                if 200 < size < 2_000_000:
+                    seen.append(p)
+    return seen
 
-    datasets.disable_progress_bars()
-    tok = Tokenizer.from_file(tokenizer_path)
 
-    def process(example: dict) -> dict:
-        ids = tok.encode(example["text"], add_special_tokens=False).ids
-        ids.append(eos)
-        return {"ids": ids, "len": len(ids)}
+def build(kind: str, size_gb: float, work: Path, files: list[Path]) -> Path:
+    """A corpus of about size_gb GB: 'many' files, one 'single' file, or 'files2'."""
+    target = int(size_gb * 1e9)
+    out = work / f"{kind}-{size_gb:g}GB"
+    if (out / ".done").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    written, rep = 0, 0
+    handles = []
+    if kind == "single":
+        handles = [open(out / "input.txt", "wb")]  # noqa: SIM115
+    elif kind == "files2":
+        handles = [open(out / "part1.txt", "wb"), open(out / "part2.txt", "wb")]  # noqa: SIM115
+    while written < target:
+        for i, f in enumerate(files):
+            data = f.read_bytes()
+            if kind == "many":
+                dest = out / f"rep{rep:03d}" / f"{i:06d}{f.suffix}.txt"
+                dest.parent.mkdir(exist_ok=True)
+                dest.write_bytes(data)
+            else:
+                h = handles[0] if kind == "single" or written < target / 2 else handles[1]
+                h.write(data + b"\n\n")
+            written += len(data)
+            if written >= target:
+                break
+        rep += 1
+    for h in handles:
+        h.close()
+    (out / ".done").write_text(str(written))
+    return out
 
-    ds = datasets.Dataset.from_dict({"text": texts})
-    tokenized = ds.map(process, remove_columns=["text"], num_proc=os.cpu_count() or 1)
-    arr_len = int(np.sum(tokenized["len"], dtype=np.uint64))
-    arr = np.memmap(out, dtype=np.uint16, mode="w+", shape=(arr_len,))
-    idx, total_batches = 0, min(64, len(tokenized))
-    for b in range(total_batches):
-        batch = tokenized.shard(num_shards=total_batches, index=b, contiguous=True).with_format(
-            "numpy"
-        )
-        arr_batch = np.concatenate(batch["ids"])
-        arr[idx : idx + len(arr_batch)] = arr_batch
-        idx += len(arr_batch)
-    arr.flush()
-    return arr_len
+
+def child(code: str, *args: str) -> dict:
+    """Run one measurement in a fresh, niced interpreter; its last stdout line is JSON."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "true"}
+    res = subprocess.run(
+        ["nice", "-n", "5", sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise SystemExit(f"child failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def corpus_mb(path: Path) -> float:
+    return int((path / ".done").read_text()) / 1e6
+
+
+def ours(path: Path, work: Path, tok: str = "-") -> dict:
+    cache = work / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    glob = "**/*.txt"
+    r = child(OURS, str(path), glob, str(cache), tok)
+    r["mb"] = corpus_mb(path)
+    return r
+
+
+def baseline(path: Path, work: Path, tok: str) -> dict:
+    cache = work / "hf-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    listing = work / "files.json"
+    listing.write_text(json.dumps(sorted(str(p) for p in path.rglob("*.txt"))))
+    r = child(
+        BASELINE, str(listing), tok, str(work / "base.bin"), str(cache), str(os.cpu_count() or 1)
+    )
+    shutil.rmtree(cache, ignore_errors=True)
+    r["mb"] = corpus_mb(path)
+    return r
+
+
+def line(name: str, r: dict) -> str:
+    extra = f", BPE {r['tokenizer_s']:.0f}s" if "tokenizer_s" in r else ""
+    docs = f", docs train/val/test {r['docs']}" if "docs" in r else ""
+    return (
+        f"{name:<34} {r['mb']:8.1f} MB  {r['wall']:7.1f} s  {r['mb'] / r['wall']:6.2f} MB/s  "
+        f"peak RSS main {r['rss_main_mb']:6.0f} MB, largest worker {r['rss_worker_mb']:5.0f} MB"
+        f"{extra}{docs}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3, help="cached starts and encode repeats")
-    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (data=..., data.*)")
+    ap.add_argument("--sizes", default="0.1,0.3,1", help="GB, many-files ladder")
+    ap.add_argument("--single", default="1", help="GB, single-file rungs")
+    ap.add_argument("--files2", default="", help="GB, two-file rungs")
+    ap.add_argument("--baseline", default="0.1", help="GB of the many-files rungs to compare")
+    ap.add_argument("--work", default="/tmp/bench-data")
     args = ap.parse_args()
-    from batchsize_study import data as D
-
-    cache = tempfile.mkdtemp(prefix="bench-data-")
-    try:
-        c = compose(f"data.cache_dir={cache}", *args.overrides)
-        # 1. first preparation, whole and by stage
+    gb = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    files = source_files()
+    print(
+        f"# {len(files)} source files; {os.cpu_count()} cores; load average "
+        f"{os.getloadavg()[0]:.1f} at start (measurements under that load)",
+        flush=True,
+    )
+    plan = [("many", s) for s in gb(args.sizes)] + [("single", s) for s in gb(args.single)]
+    plan += [("files2", s) for s in gb(args.files2)]
+    plan.sort(key=lambda p: p[1])  # small rungs first: they finish even if time runs out
+    ratios = []
+    for kind, size in plan:
         t0 = time.perf_counter()
-        corpus = D.prepare_corpus(c.data, c.model.seq_len)
-        first = time.perf_counter() - t0
-        print(
-            f"first preparation: {first:.1f}s for {corpus.train_tokens + corpus.val_tokens:,} "
-            f"tokens ({corpus.train_documents + corpus.val_documents} documents, vocab "
-            f"{corpus.vocab_size})",
-            flush=True,
-        )
-        t0 = time.perf_counter()
-        _, handle = D.source_fingerprint(c.data)
-        docs = list(D.iter_documents(c.data, handle))
-        train, _ = D.split_documents(docs, c.data.val_fraction)
-        t_read = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        D.train_bpe([d.text for d in train], c.data.tokenizer.vocab_size)
-        t_bpe = time.perf_counter() - t0
-        print(f"  stages: read+split {t_read:.1f}s, train BPE {t_bpe:.1f}s", flush=True)
-
-        # 2. cached start
-        cached = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            D.prepare_corpus(c.data, c.model.seq_len)
-            cached.append(time.perf_counter() - t0)
-        # A fresh interpreter: imports, the config, and the cache check, as a new run pays them.
-        code = (
-            "import sys, time; t0 = time.perf_counter(); sys.path.insert(0, sys.argv[1]); "
-            "from _common import compose; from batchsize_study.data import prepare_corpus; "
-            "c = compose(*sys.argv[2:]); prepare_corpus(c.data, c.model.seq_len); "
-            "print(time.perf_counter() - t0)"
-        )
-        argv = [str(REPO / "benchmarks"), f"data.cache_dir={cache}", *args.overrides]
-        fresh = [
-            float(
-                subprocess.run(
-                    [sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True
-                ).stdout.split()[-1]
-            )
-            for _ in range(args.repeats)
-        ]
-        print(
-            f"cached start: prepare_corpus {statistics.median(cached):.2f}s "
-            f"(min {min(cached):.2f}, max {max(cached):.2f}); fresh interpreter incl. imports "
-            f"{statistics.median(fresh):.2f}s (min {min(fresh):.2f}, max {max(fresh):.2f})",
-            flush=True,
-        )
-
-        # 3. encode + write: ours vs the nanoGPT-style baseline, same tokenizer, same documents
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(corpus.tokenizer_path)
-        eos = corpus.eos_id if corpus.eos_id is not None else 0
-        ours, base = [], []
-        for r in range(args.repeats):
-            for which in ("ours", "baseline") if r % 2 == 0 else ("baseline", "ours"):
-                out = os.path.join(cache, f"{which}.bin")
-                t0 = time.perf_counter()
-                if which == "ours":
-                    n_ours = D._encode_to_file(tok, train, eos, out, np.dtype(np.uint16))
-                    ours.append(time.perf_counter() - t0)
-                else:
-                    n_base = baseline_nanogpt(
-                        [d.text for d in train], corpus.tokenizer_path, out, eos
-                    )
-                    base.append(time.perf_counter() - t0)
-        same = np.array_equal(
-            np.fromfile(os.path.join(cache, "ours.bin"), dtype=np.uint16),
-            np.fromfile(os.path.join(cache, "baseline.bin"), dtype=np.uint16),
-        )
-        print(
-            f"encode+write {n_ours:,} train tokens: ours {statistics.median(ours):.1f}s "
-            f"(min {min(ours):.1f}, max {max(ours):.1f}), nanoGPT-style datasets.map "
-            f"{statistics.median(base):.1f}s (min {min(base):.1f}, max {max(base):.1f}); "
-            f"identical tokens: {same and n_ours == n_base}"
-        )
-        whole_base = t_read + t_bpe + statistics.median(base)
-        print(
-            f"whole first preparation vs read + BPE + baseline encode: {first:.1f}s vs "
-            f"{whole_base:.1f}s (ratio {whole_base / first:.2f})"
-        )
-        print(
-            f"speedup of encode+write over the baseline: {statistics.median(base) / statistics.median(ours):.2f}x"
-        )
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        path = build(kind, size, work, files)
+        print(f"# built {path} in {time.perf_counter() - t0:.0f}s", flush=True)
+        r = ours(path, work)
+        print(line(f"ours {kind} {size:g} GB", r), flush=True)
+        if size in gb(args.baseline):
+            tok = str(work / "tokenizer.json")
+            shutil.copy(r["tokenizer_path"], tok)
+            # Interleaved: baseline, ours with the same tokenizer, baseline's order fixed.
+            b = baseline(path, work, tok)
+            o = ours(path, work, tok)
+            print(line(f"baseline datasets.map {kind} {size:g} GB", b), flush=True)
+            print(line(f"ours, same tokenizer {kind} {size:g} GB", o), flush=True)
+            same = o["tokens"] == b["tokens"]
+            print(f"  same token count: {same} ({o['tokens']:,} vs {b['tokens']:,})", flush=True)
+            ratios.append(b["wall"] / o["wall"])
+        shutil.rmtree(work / "cache", ignore_errors=True)
+    if ratios:
+        print(f"ratio {min(ratios):.2f}  (baseline wall / ours; lowest over {len(ratios)} rungs)")
 
 
 if __name__ == "__main__":
