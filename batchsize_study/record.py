@@ -100,6 +100,8 @@ def build_record(o: RunOutcome) -> dict[str, Any]:
         "compat_key": o.compat_key,
         "corpus_fingerprint": o.corpus.get("fingerprint"),
         "vocab_size": o.corpus.get("vocab_size"),
+        "corpus_token_hash": o.corpus.get("token_hash"),
+        "corpus_python_version": o.corpus.get("python_version"),
         "package_version": __version__,
         "finished_at": time.time(),
         "derivation": extra,

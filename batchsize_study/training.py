@@ -225,7 +225,12 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
             run_dir=run_dir,
             config_hash=chash,
             compat_key=key,
-            corpus={"fingerprint": corpus.fingerprint, "vocab_size": corpus.vocab_size},
+            corpus={
+                "fingerprint": corpus.fingerprint,
+                "vocab_size": corpus.vocab_size,
+                "token_hash": corpus.token_hash,
+                "python_version": corpus.python_version,
+            },
             lr=lr,
             optim=optim,
             status=status,
