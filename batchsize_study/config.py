@@ -125,6 +125,28 @@ class TokenizerConfig:
     vocab_size: int = 4096
     name: str | None = None
 
+    def __post_init__(self) -> None:
+        _check(
+            self.kind in ("bpe", "pretrained"),
+            "data.tokenizer.kind",
+            self.kind,
+            "use bpe or pretrained",
+        )
+        if self.kind == "bpe":
+            _check(
+                260 <= self.vocab_size <= 2**32 - 1,
+                "data.tokenizer.vocab_size",
+                self.vocab_size,
+                "use at least 260 (256 bytes + specials)",
+            )
+        else:
+            _check(
+                bool(self.name),
+                "data.tokenizer.name",
+                self.name,
+                "give a hub id or a tokenizer.json path",
+            )
+
 
 @dataclass
 class DataConfig:
@@ -137,7 +159,8 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)
     """hub: extra keyword arguments for datasets.load_dataset (config name, data_files, ...)."""
     split: str = "train"
-    """hub: the split read as the corpus (our own train/val split is made from it by document)."""
+    """hub: the split read as the corpus (our own train/val/test split is made from it by
+    document)."""
     text_field: str = "text"
     glob: str = "**/*.py"
     """stdlib and text folders: which files are documents."""
@@ -145,12 +168,60 @@ class DataConfig:
     """Keep only the first N documents (sorted by name): for smoke runs and tests."""
     val_fraction: float = 0.02
     """Fraction of documents held out for validation (by a hash of the document's name)."""
+    test_fraction: float = 0.05
+    """Fraction of documents held out as the test split (test.bin), which training and
+    validation never read. 0.05 gives the default stdlib corpus (Python 3.11) 468k test tokens,
+    and 320k or more for 95 % of document draws of that size (simulated), so the standard error
+    of a mean per-window loss stays below 0.01 nats for a per-window spread up to ~0.5 nats."""
     val_max_windows: int = 64
     """Validation windows evaluated at each validation (the first N: a fixed set)."""
     cache_dir: str | None = None
     """Token caches; null means $BATCHSIZE_STUDY_CACHE, else ~/.cache/batchsize_study."""
     num_workers: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.source in ("stdlib", "text", "hub"),
+            "data.source",
+            self.source,
+            "use data=stdlib, data=text or data=hub",
+        )
+        if self.source == "text":
+            _check(bool(self.path), "data.path", self.path, "give data.path=<file, folder or glob>")
+        if self.source == "hub":
+            _check(
+                bool(self.name),
+                "data.name",
+                self.name,
+                "give data.name=<dataset name or local folder>",
+            )
+        _check(
+            0 < self.val_fraction < 1,
+            "data.val_fraction",
+            self.val_fraction,
+            "use a fraction in (0, 1)",
+        )
+        _check(
+            0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
+            "data.test_fraction",
+            self.test_fraction,
+            f"use a fraction in (0, 1) with data.val_fraction={self.val_fraction} + it below 1",
+        )
+        _check(
+            self.val_max_windows >= 1,
+            "data.val_max_windows",
+            self.val_max_windows,
+            "use a positive number",
+        )
+        if self.max_documents is not None:
+            _check(
+                self.max_documents >= 3,
+                "data.max_documents",
+                self.max_documents,
+                "use at least 3 (train, val and test)",
+            )
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
 
 
 @dataclass
@@ -427,43 +498,7 @@ def validate(cfg: DictConfig | Config) -> Config:
         m.num_heads,
         f"must divide model.hidden_size={m.hidden_size}",
     )
-    dt = c.data
-    _check(
-        dt.source in ("stdlib", "text", "hub"),
-        "data.source",
-        dt.source,
-        "use data=stdlib, data=text or data=hub",
-    )
-    if dt.source == "text":
-        _check(bool(dt.path), "data.path", dt.path, "give data.path=<file, folder or glob>")
-    if dt.source == "hub":
-        _check(bool(dt.name), "data.name", dt.name, "give data.name=<dataset name or local folder>")
-    _check(
-        0 < dt.val_fraction < 1, "data.val_fraction", dt.val_fraction, "use a fraction in (0, 1)"
-    )
-    _check(
-        dt.val_max_windows >= 1, "data.val_max_windows", dt.val_max_windows, "use a positive number"
-    )
-    if dt.max_documents is not None:
-        _check(
-            dt.max_documents >= 2,
-            "data.max_documents",
-            dt.max_documents,
-            "use at least 2 (train and val)",
-        )
-    t = dt.tokenizer
-    _check(t.kind in ("bpe", "pretrained"), "data.tokenizer.kind", t.kind, "use bpe or pretrained")
-    if t.kind == "bpe":
-        _check(
-            260 <= t.vocab_size <= 2**32 - 1,
-            "data.tokenizer.vocab_size",
-            t.vocab_size,
-            "use at least 260 (256 bytes + specials)",
-        )
-    else:
-        _check(
-            bool(t.name), "data.tokenizer.name", t.name, "give a hub id or a tokenizer.json path"
-        )
+    # data.* is checked by DataConfig.__post_init__ (and TokenizerConfig's) when it is built.
     n = c.noise
     _check(0 <= n.ema < 1, "noise.ema", n.ema, "use an EMA factor in [0, 1), e.g. 0.95")
     _check(n.split >= 1, "noise.split", n.split, "use 1 (no split) or a small divisor such as 2")

@@ -1,7 +1,7 @@
 """Text in, packed token windows out.
 
-corpus (stdlib | text files | hub dataset) -> documents -> deterministic train/val split by
-document -> tokenizer (byte-level BPE trained on the train split, or a pretrained one) -> one
+corpus (stdlib | text files | hub dataset) -> documents -> deterministic train/val/test split
+by document -> tokenizer (byte-level BPE trained on the train split, or a pretrained one) -> one
 token file per split (uint16 where the vocabulary fits, as nanoGPT's prepare.py) -> windows of
 ``seq_len + 1`` tokens. Preparation runs once per fingerprint of corpus + tokenizer + settings,
 under a file lock, and publishes its folder with one atomic rename, so two runs that start
@@ -34,7 +34,7 @@ from batchsize_study.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: runs of non-whitespace longer than MAX_RUN are cut (see split_long_runs)
+FORMAT_VERSION = 3  # 3: a test split; 2: runs of non-whitespace longer than MAX_RUN are cut (see split_long_runs)
 MAX_RUN = 512
 _LONG_RUN = re.compile(rf"\S{{{MAX_RUN + 1},}}")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
@@ -57,8 +57,10 @@ class PreparedCorpus:
     eos_id: int | None
     train_tokens: int
     val_tokens: int
+    test_tokens: int
     train_documents: int
     val_documents: int
+    test_documents: int
 
     @property
     def train_path(self) -> str:
@@ -67,6 +69,11 @@ class PreparedCorpus:
     @property
     def val_path(self) -> str:
         return os.path.join(self.dir, "val.bin")
+
+    @property
+    def test_path(self) -> str:
+        """Held out by document hash: training and validation never read it (issue 11)."""
+        return os.path.join(self.dir, "test.bin")
 
     @property
     def tokenizer_path(self) -> str:
@@ -211,24 +218,35 @@ def iter_documents(cfg: DataConfig, handle: object) -> Iterator[Document]:
         yield Document(os.path.relpath(f, root), _read_text(f))
 
 
-def is_validation(name: str, val_fraction: float) -> bool:
-    """Deterministic split by document name: stable across machines, runs and corpus growth."""
+def split_of(name: str, val_fraction: float, test_fraction: float) -> str:
+    """train, val or test, by a hash of the document's name: stable across machines, runs and
+    corpus growth. The hash's unit interval is cut [0, val) -> val, [val, val+test) -> test, so
+    the validation documents are the same whatever test_fraction is."""
     digest = hashlib.sha256(name.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < val_fraction:
+        return "val"
+    return "test" if u < val_fraction + test_fraction else "train"
 
 
 def split_documents(
-    docs: list[Document], val_fraction: float
-) -> tuple[list[Document], list[Document]]:
-    """Split by document; guarantees one document on each side when there are two or more."""
+    docs: list[Document], val_fraction: float, test_fraction: float
+) -> tuple[list[Document], list[Document], list[Document]]:
+    """Split by document; with three or more documents each split gets at least one (the last
+    training documents move to validation, then to test, when the hash gave them none)."""
     docs = [d for d in docs if d.text.strip()]
-    train = [d for d in docs if not is_validation(d.name, val_fraction)]
-    val = [d for d in docs if is_validation(d.name, val_fraction)]
-    if len(docs) >= 2 and not val:
-        val, train = train[-1:], train[:-1]
-    if len(docs) >= 2 and not train:
-        train, val = val[:1], val[1:]
-    return train, val
+    parts: dict[str, list[Document]] = {"train": [], "val": [], "test": []}
+    for d in docs:
+        parts[split_of(d.name, val_fraction, test_fraction)].append(d)
+    train, val, test = parts["train"], parts["val"], parts["test"]
+    if len(docs) >= 3:
+        for held in (val, test):
+            if not held:
+                donor = train if len(train) > 1 else max((val, test), key=len)
+                held.append(donor.pop())
+        if not train:
+            train.append((val if len(val) > 1 else test).pop(0))
+    return train, val, test
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -306,6 +324,7 @@ def _settings_key(cfg: DataConfig) -> dict:
         "glob": cfg.glob,
         "max_documents": cfg.max_documents,
         "val_fraction": cfg.val_fraction,
+        "test_fraction": cfg.test_fraction,
         "text_field": cfg.text_field,
         "tokenizer": asdict(cfg.tokenizer)
         if not isinstance(cfg.tokenizer, dict)
@@ -409,16 +428,16 @@ def _describe(cfg: DataConfig) -> str:
 def _build_cache(cfg: DataConfig, handle: object, final: Path, fp: str) -> None:
     t0 = time.perf_counter()
     docs = list(iter_documents(cfg, handle))
-    train, val = split_documents(docs, cfg.val_fraction)
+    train, val, test = split_documents(docs, cfg.val_fraction, cfg.test_fraction)
     if not train:
         raise DataError(
             f"{_describe(cfg)}: the corpus has no non-empty documents ({len(docs)} file(s)/row(s), all empty "
             "or whitespace); point it at text"
         )
-    if not val:
+    if not val or not test:
         raise DataError(
-            f"{_describe(cfg)}: only one non-empty document, so no validation split is possible; "
-            "give at least two documents (files or rows)"
+            f"{_describe(cfg)}: fewer than three non-empty documents, so no validation and test "
+            "splits are possible; give at least three documents (files or rows)"
         )
     if cfg.tokenizer.kind == "bpe":
         tok = train_bpe([d.text for d in train], cfg.tokenizer.vocab_size)
@@ -433,6 +452,7 @@ def _build_cache(cfg: DataConfig, handle: object, final: Path, fp: str) -> None:
     try:
         n_train = _encode_to_file(tok, train, eos, str(tmp / "train.bin"), dtype)
         n_val = _encode_to_file(tok, val, eos, str(tmp / "val.bin"), dtype)
+        n_test = _encode_to_file(tok, test, eos, str(tmp / "test.bin"), dtype)
         tok.save(str(tmp / "tokenizer.json"))
         meta = {
             "corpus": {
@@ -442,8 +462,10 @@ def _build_cache(cfg: DataConfig, handle: object, final: Path, fp: str) -> None:
                 "eos_id": eos,
                 "train_tokens": n_train,
                 "val_tokens": n_val,
+                "test_tokens": n_test,
                 "train_documents": len(train),
                 "val_documents": len(val),
+                "test_documents": len(test),
             },
             "settings": _settings_key(cfg),
             "seconds": round(time.perf_counter() - t0, 2),
@@ -466,6 +488,11 @@ def _check_windows(cfg: DataConfig, c: PreparedCorpus, seq_len: int) -> None:
         raise DataError(
             f"data.val_fraction={cfg.val_fraction}: the validation split has {c.val_tokens} tokens, fewer "
             f"than one window of {seq_len + 1}; raise data.val_fraction or lower model.seq_len"
+        )
+    if c.test_tokens < seq_len + 1:
+        raise DataError(
+            f"data.test_fraction={cfg.test_fraction}: the test split has {c.test_tokens} tokens, fewer "
+            f"than one window of {seq_len + 1}; raise data.test_fraction or lower model.seq_len"
         )
 
 

@@ -82,7 +82,7 @@ def main() -> None:
         t0 = time.perf_counter()
         _, handle = D.source_fingerprint(c.data)
         docs = list(D.iter_documents(c.data, handle))
-        train, _ = D.split_documents(docs, c.data.val_fraction)
+        train, _, _ = D.split_documents(docs, c.data.val_fraction, c.data.test_fraction)
         t_read = time.perf_counter() - t0
         t0 = time.perf_counter()
         D.train_bpe([d.text for d in train], c.data.tokenizer.vocab_size)

@@ -99,7 +99,7 @@ def test_whitespace_only_corpus(cfg_factory, tmp_path):
 
 
 def test_corpus_smaller_than_one_window(cfg_factory, tmp_path):
-    corpus = _folder(tmp_path, {"a.txt": "tiny", "b.txt": "also tiny"})
+    corpus = _folder(tmp_path, {"a.txt": "tiny", "b.txt": "also tiny", "c.txt": "tiny too"})
     _refused(
         cfg_factory,
         tmp_path,
@@ -111,8 +111,9 @@ def test_corpus_smaller_than_one_window(cfg_factory, tmp_path):
 
 
 def test_validation_split_without_a_window(cfg_factory, tmp_path):
-    # Two documents: the split keeps one for validation (the last by name when none hashes there).
-    corpus = _folder(tmp_path, {"a.txt": TEXT * 200, "z.txt": "short"})
+    # Three documents: the split keeps one for validation (the last by name when none hashes
+    # there) and one for test.
+    corpus = _folder(tmp_path, {"a.txt": TEXT * 200, "b.txt": TEXT * 200, "z.txt": "short"})
     _refused(
         cfg_factory,
         tmp_path,
@@ -151,7 +152,8 @@ def test_non_utf8_files_are_decoded_with_replacement(cfg_factory, tmp_path):
     corpus = _folder(tmp_path, {"a.txt": latin1, "b.txt": TEXT * 100, "c.txt": binary})
     c = validate(cfg_factory("data=text", f"data.path={corpus}", "data.val_fraction=0.3"))
     prepared = prepare_corpus(c.data, c.model.seq_len)
-    assert prepared.train_tokens > 1000 and prepared.train_documents + prepared.val_documents == 3
+    assert prepared.train_tokens > 1000
+    assert prepared.train_documents + prepared.val_documents + prepared.test_documents == 3
 
 
 def test_one_huge_line_without_whitespace(cfg_factory, tmp_path):

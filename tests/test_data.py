@@ -44,11 +44,32 @@ def test_stdlib_corpus_decodes_invalid_utf8_with_replacement(tmp_path):
 
 def test_split_is_by_document_and_deterministic():
     docs = [Document(f"f{i}.py", f"text {i}") for i in range(500)]
-    tr1, va1 = split_documents(docs, 0.1)
-    tr2, va2 = split_documents(list(reversed(docs)), 0.1)
+    tr1, va1, te1 = split_documents(docs, 0.1, 0.2)
+    tr2, va2, te2 = split_documents(list(reversed(docs)), 0.1, 0.2)
     assert {d.name for d in va1} == {d.name for d in va2}
-    assert not {d.name for d in tr1} & {d.name for d in va1}
-    assert 20 < len(va1) < 80
+    assert {d.name for d in te1} == {d.name for d in te2}
+    names = [{d.name for d in part} for part in (tr1, va1, te1)]
+    assert not names[0] & names[1] and not names[0] & names[2] and not names[1] & names[2]
+    assert sum(map(len, names)) == 500
+    assert 20 < len(va1) < 80 and 60 < len(te1) < 140
+    # The validation documents do not depend on the test fraction (the hash interval is cut
+    # [0, val) -> val, [val, val + test) -> test).
+    assert {d.name for d in split_documents(docs, 0.1, 0.05)[1]} == names[1]
+
+
+def test_three_documents_give_three_splits():
+    docs = [Document(n, "text " * 10) for n in ("a", "b", "c")]
+    train, val, test = split_documents(docs, 0.01, 0.01)
+    assert (len(train), len(val), len(test)) == (1, 1, 1)
+
+
+def test_test_split_is_written_and_kept_apart(tmp_path):
+    c = prepare_corpus(small_cfg(tmp_path, max_documents=80), seq_len=16)
+    assert c.test_documents >= 1 and c.test_tokens > 0
+    assert os.path.getsize(c.test_path) == c.test_tokens * np.dtype(c.dtype).itemsize
+    assert c.train_documents + c.val_documents + c.test_documents <= 80
+    meta = json.loads((Path(c.dir) / "meta.json").read_text())
+    assert meta["corpus"]["test_tokens"] == c.test_tokens
 
 
 def test_cache_is_reused_and_keyed_by_settings(tmp_path):
@@ -109,7 +130,7 @@ def test_hub_source_with_a_local_stand_in(tmp_path):
     )
     cfg = small_cfg(tmp_path, source="hub", name=str(repo), max_documents=None)
     c = prepare_corpus(cfg, seq_len=16)
-    assert c.train_documents + c.val_documents == 120
+    assert c.train_documents + c.val_documents + c.test_documents == 120
     with pytest.raises(DataError) as e:
         prepare_corpus(
             small_cfg(tmp_path, source="hub", name=str(repo), text_field="body"), seq_len=16
