@@ -64,6 +64,7 @@ _NOT_HASHED = (
     "upstream_wait_seconds",
     "checkpoint_every_steps",
     "compare",
+    "evaluate",
 )
 _NOT_HASHED_DATA = ("cache_dir", "num_workers")
 _NOT_HASHED_TRAINER = ("enable_progress_bar", "enable_model_summary")
@@ -80,6 +81,10 @@ def run(cfg: DictConfig | Config) -> dict[str, Any]:
         from batchsize_study.probe import run_probe
 
         return run_probe(c)
+    if c.task == "evaluate":
+        from batchsize_study.evaluate import run_evaluate
+
+        return run_evaluate(c)
     return train(c)
 
 
