@@ -340,7 +340,8 @@ class EvaluateConfig:
     max_windows: int | None = None
     """Test windows scored per model (the first N, the same for every model); null: all of them."""
     batch_size: int = 64
-    """Windows per forward pass (memory only: each window's loss does not depend on it)."""
+    """Windows per forward pass: sets memory and speed; a window's loss changes with it only by
+    floating-point rounding (the batches are fixed, so a given config is reproducible)."""
     max_se: float = 0.01
     """Target standard error (nats) of each model's mean test loss; above it the record and the
     report say loudly that the test split is too small to separate the models."""

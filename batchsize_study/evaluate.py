@@ -415,7 +415,15 @@ def run_evaluate(c: Config) -> dict[str, Any]:
     check_writable(sdir)
     corpus = prepare_corpus(c.data, c.model.seq_len)
     key = compat_key(c, corpus)
-    pairs, notes = select_pairs(read_records(sdir), key, sdir)
+    deadline = time.monotonic() + c.upstream_wait_seconds
+    while True:  # a parallel launcher may still be training the models
+        try:
+            pairs, notes = select_pairs(read_records(sdir), key, sdir)
+            break
+        except UpstreamError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
     models = models_of(pairs)
     ckpts = {_run_name(r): checkpoint_path(r) for r in models}  # every file checked before work
     precision = resolve_precision(c.precision, c.trainer.get("accelerator"))
