@@ -567,6 +567,7 @@ def run_evaluate(c: Config) -> dict[str, Any]:
             "seeds": sorted({p.seed for p in pairs}),
             "compat_key": key,
             "corpus_fingerprint": corpus.fingerprint,
+            "corpus_token_hash": getattr(corpus, "token_hash", None),
             "test_split": {
                 "windows": int(len(windows)),
                 "tokens_scored": int(len(windows) * seq_len),
