@@ -24,7 +24,14 @@ def _check(ok: bool, key: str, value: Any, fix: str) -> None:
         raise ConfigError(key, value, fix)
 
 
-TASKS = ("superconvergence", "small_batch", "large_batch", "compare", "stability_probe")
+TASKS = (
+    "superconvergence",
+    "small_batch",
+    "large_batch",
+    "compare",
+    "stability_probe",
+    "evaluate",
+)
 
 
 @dataclass
@@ -451,6 +458,81 @@ class CompareConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """``evaluate.*``: how experiment=evaluate tests the saved small- and large-batch models on
+    the held-out test split."""
+
+    max_windows: int | None = None
+    """Test windows scored per model (the first N, the same for every model); null: all of them."""
+    batch_size: int = 64
+    """Windows per forward pass: sets memory and speed; a window's loss changes with it only by
+    floating-point rounding (the batches are fixed, so a given config is reproducible)."""
+    max_se: float = 0.01
+    """Target standard error (nats) of each model's mean test loss; above it the record and the
+    report say loudly that the test split is too small to separate the models."""
+    confidence: float = 0.95
+    """Level of the paired bootstrap interval of large minus small."""
+    bootstrap_resamples: int = 10000
+    """Resamples of the paired bootstrap over test windows."""
+    block_windows: int = 8
+    """Also bootstrap means of this many consecutive windows (batch means): adjacent windows of
+    one document are correlated, which the per-window interval ignores. 1 turns it off."""
+    samples: int = 3
+    """Generated samples per model, each from its own fixed prompt out of the test split."""
+    prompt_tokens: int = 32
+    """Tokens of test text each sample continues."""
+    sample_tokens: int = 64
+    """Tokens generated per sample."""
+    temperature: float = 0.0
+    """0: greedy decoding; above 0: sampling at this temperature, seeded by ``seed``."""
+
+    def __post_init__(self) -> None:
+        if self.max_windows is not None:
+            _check(
+                self.max_windows >= 2,
+                "evaluate.max_windows",
+                self.max_windows,
+                "use 2 or more windows, or null for the whole test split",
+            )
+        _check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "use 1 or more")
+        _check(self.max_se > 0, "evaluate.max_se", self.max_se, "use a positive SE such as 0.01")
+        _check(
+            0 < self.confidence < 1, "evaluate.confidence", self.confidence, "use a level in (0, 1)"
+        )
+        _check(
+            self.bootstrap_resamples >= 100,
+            "evaluate.bootstrap_resamples",
+            self.bootstrap_resamples,
+            "use 100 or more (10000 by default)",
+        )
+        _check(
+            self.block_windows >= 1,
+            "evaluate.block_windows",
+            self.block_windows,
+            "use 1 (off) or a small number of windows such as 8",
+        )
+        _check(self.samples >= 0, "evaluate.samples", self.samples, "use 0 (none) or more")
+        _check(
+            self.prompt_tokens >= 1,
+            "evaluate.prompt_tokens",
+            self.prompt_tokens,
+            "use 1 or more tokens",
+        )
+        _check(
+            self.sample_tokens >= 1,
+            "evaluate.sample_tokens",
+            self.sample_tokens,
+            "use 1 or more tokens",
+        )
+        _check(
+            self.temperature >= 0,
+            "evaluate.temperature",
+            self.temperature,
+            "use 0 (greedy) or a positive temperature such as 0.8",
+        )
+
+
+@dataclass
 class Config:
     task: str = "superconvergence"
     """Which step of the procedure: set by the experiment config group."""
@@ -496,6 +578,8 @@ class Config:
     """experiment=stability_probe: multiples of x, steps per probe, Lightning's LR finder."""
     compare: CompareConfig = field(default_factory=lambda: CompareConfig())
     """experiment=compare: smoothing, confidence level, flags."""
+    evaluate: EvaluateConfig = field(default_factory=lambda: EvaluateConfig())
+    """experiment=evaluate: test windows, the SE target, the bootstrap, generated samples."""
     callbacks: dict[str, Any] = field(default_factory=dict)
     """Extra Lightning callbacks, each a node with a ``_target_`` that Hydra instantiates
     (``+callbacks.name._target_=package.Class``); appended after the study's own callbacks."""

@@ -3,6 +3,7 @@ This is where a DictConfig stops; every stage below takes the typed :class:`Conf
 
     superconvergence, small_batch, large_batch -> training.train
     stability_probe                            -> probe.run_probe (several training runs)
+    evaluate                                   -> evaluate.run_evaluate (saved models, test split)
     compare                                    -> report.run_compare (reads records only)
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from batchsize_study.config import Config, validate
+from batchsize_study.evaluate import run_evaluate
 from batchsize_study.probe import run_probe
 from batchsize_study.report import run_compare
 from batchsize_study.runtime import study_dir
@@ -26,4 +28,6 @@ def run(cfg: DictConfig | Config) -> dict[str, Any]:
         return run_compare(study_dir(c), c.compare)
     if c.task == "stability_probe":
         return run_probe(c)
+    if c.task == "evaluate":
+        return run_evaluate(c)
     return train(c)

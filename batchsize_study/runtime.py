@@ -24,6 +24,7 @@ _NOT_HASHED = (
     "upstream_wait_seconds",
     "checkpoint_every_steps",
     "compare",
+    "evaluate",
 )
 _NOT_HASHED_DATA = ("cache_dir", "num_workers")
 _NOT_HASHED_TRAINER = ("enable_progress_bar", "enable_model_summary")

@@ -1,0 +1,755 @@
+"""Are the saved models better on text they never saw? ``experiment=evaluate``.
+
+The seed saves the small- and large-batch models "for further testing". This step loads each
+completed small_batch and large_batch checkpoint of the study (same model and corpus, seeds
+paired) and scores it on the *test* split, which is held out by document hash and never read by
+training or validation (data.py). Every model is scored on the same windows, so per-window
+losses are paired:
+
+* each model's test loss is the mean over windows of the window's mean next-token cross-entropy,
+  with its standard error sd / sqrt(n) (``stats.mean_se``); perplexity is exp(test loss). The
+  split must be large enough that this SE is below ``evaluate.max_se`` (0.01 nats); when it is
+  not, the record and the report say so.
+* large minus small: a paired percentile bootstrap over windows (``stats.paired_bootstrap``;
+  Efron & Tibshirani 1993, ch. 13), per seed and pooled over seeds (the per-window difference
+  averaged over seeds), so even one seed carries an interval. Adjacent windows of one document
+  are correlated, which an i.i.d. bootstrap ignores; the same bootstrap over means of
+  ``block_windows`` consecutive windows (batch means) is reported beside it, and the verdict
+  uses the wider of the two. With two or more seeds, a paired t-test across seeds is added
+  (``stats.paired_test``): the window interval says how well the test split pins the difference
+  for these models, not how much it varies between seeds.
+* a few generated samples per model, continuing fixed prompts cut from the test split (greedy by
+  default), decoded with the corpus tokenizer.
+
+The run writes only its own folder: ``runs/evaluate-<hash>/result.json`` and
+``per_window_losses.npz``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from batchsize_study import __version__
+from batchsize_study.config import Config, EvaluateConfig
+from batchsize_study.errors import DataError, UpstreamError
+from batchsize_study.stats import fmt, json_safe, mean_se, paired_bootstrap, paired_test
+
+log = logging.getLogger("batchsize_study")
+
+EXPERIMENT = "evaluate"
+LOSSES_FILE = "per_window_losses.npz"
+TRAINED = ("small_batch", "large_batch")
+
+
+# ---------------------------------------------------------------- which models (pure)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One seed's small- and large-batch records: scored on the same windows, compared."""
+
+    seed: int
+    small: dict[str, Any]
+    large: dict[str, Any]
+
+
+def _run_name(rec: dict[str, Any]) -> str:
+    return rec.get("run_id") or Path(rec.get("_path", "?")).parent.name
+
+
+def select_pairs(
+    records: list[dict[str, Any]], compat_key: str, study_dir: str
+) -> tuple[list[Pair], list[str]]:
+    """(pairs, notes): the latest completed run per (experiment, batch size, seed) of this model
+    and corpus; each large_batch run paired with the small_batch run of the same seed at the
+    small batch size the large runs derived their LR from. Notes name what was left out.
+
+    Raises UpstreamError (one line, what to run) when there is nothing to pair.
+    """
+    trained = [r for r in records if r.get("experiment") in TRAINED]
+    done = [r for r in trained if r.get("status") == "completed"]
+    usable = [r for r in done if r.get("compat_key") == compat_key]
+    chain = (
+        "`python -m batchsize_study -m experiment=superconvergence,small_batch,large_batch "
+        f"study.dir={study_dir}`"
+    )
+    missing = [e for e in TRAINED if not any(r["experiment"] == e for r in usable)]
+    if missing:
+        if any(r["experiment"] in missing for r in done):
+            raise UpstreamError(
+                f"study.dir={study_dir}: the completed {' and '.join(missing)} records are of another "
+                "model or corpus than this evaluate run; run evaluate with the same model=, data= and "
+                "debug= settings as the training runs"
+            )
+        found = ", ".join(f"{r['experiment']}:{r.get('status')}" for r in trained) or "none"
+        raise UpstreamError(
+            f"study.dir={study_dir}: no completed {' or '.join(missing)} record to evaluate "
+            f"(found: {found}); run {chain} first"
+        )
+    notes: list[str] = []
+    latest: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for r in usable:  # oldest first: a later run of the same key supersedes
+        k = (r["experiment"], int(r["batch_size"]), int(r.get("seed", 0)))
+        if k in latest:
+            notes.append(f"{_run_name(latest[k])}: superseded by a later run")
+        latest[k] = r
+    smalls = [r for k, r in latest.items() if k[0] == "small_batch"]
+    larges = sorted(
+        (r for k, r in latest.items() if k[0] == "large_batch"),
+        key=lambda r: (int(r["batch_size"]), int(r.get("seed", 0))),
+    )
+    derived = [(r.get("derivation") or {}).get("small_batch_size") for r in larges]
+    sizes = sorted({int(r["batch_size"]) for r in smalls})
+    base = max(sizes, key=lambda b: (derived.count(b), sum(r["batch_size"] == b for r in smalls)))
+    by_seed = {int(r.get("seed", 0)): r for r in smalls if int(r["batch_size"]) == base}
+    for r in smalls:
+        if int(r["batch_size"]) != base:
+            notes.append(
+                f"{_run_name(r)}: small batch {r['batch_size']}, the large runs derive from {base}"
+            )
+    pairs: list[Pair] = []
+    for r in larges:
+        seed = int(r.get("seed", 0))
+        if seed in by_seed and int(r["batch_size"]) != base:
+            pairs.append(Pair(seed, by_seed[seed], r))
+        else:
+            notes.append(f"{_run_name(r)}: no small_batch run (batch {base}) with seed {seed}")
+    paired_small = {id(p.small) for p in pairs}
+    notes += [
+        f"{_run_name(r)}: no large_batch run with seed {s}"
+        for s, r in sorted(by_seed.items())
+        if id(r) not in paired_small
+    ]
+    if not pairs:
+        small_seeds = sorted(by_seed)
+        large_seeds = sorted({int(r.get("seed", 0)) for r in larges})
+        raise UpstreamError(
+            f"study.dir={study_dir}: no seed has both a completed small_batch (batch {base}, seeds "
+            f"{small_seeds}) and large_batch run (seeds {large_seeds}); run large_batch with "
+            f"seed={small_seeds[0]} (or small_batch with the large run's seed) first"
+        )
+    return pairs, notes
+
+
+def models_of(pairs: list[Pair]) -> list[dict[str, Any]]:
+    """Each record once (a small run pairs with every large batch size), small runs first."""
+    seen: dict[str, dict[str, Any]] = {}
+    for p in sorted(pairs, key=lambda p: p.seed):
+        seen.setdefault(_run_name(p.small), p.small)
+    for p in pairs:
+        seen.setdefault(_run_name(p.large), p.large)
+    return list(seen.values())
+
+
+def checkpoint_path(rec: dict[str, Any]) -> Path:
+    """The record's saved model: its recorded path, else ``checkpoints/last.ckpt`` beside its
+    result.json (a study folder that was moved or copied). UpstreamError when neither exists."""
+    tried = []
+    if rec.get("checkpoint"):
+        tried.append(Path(rec["checkpoint"]))
+    if rec.get("_path"):
+        tried.append(Path(rec["_path"]).parent / "checkpoints" / "last.ckpt")
+    for p in tried:
+        if p.is_file():
+            return p
+    where = " or ".join(str(p) for p in tried) or "no checkpoint recorded"
+    raise UpstreamError(
+        f"{rec.get('experiment')} run {_run_name(rec)}: its saved model is missing ({where}); "
+        f"restore the file, or re-train it with `python -m batchsize_study "
+        f"experiment={rec.get('experiment')} seed={rec.get('seed')} force=true` (same study.dir)"
+    )
+
+
+# ---------------------------------------------------------------- statistics (pure)
+
+
+def block_means(x: np.ndarray, k: int) -> np.ndarray:
+    """Means of consecutive blocks of ``k`` values (a trailing partial block is dropped): the
+    batch-means device for correlated series (e.g. Geyer 1992, "Practical Markov Chain Monte
+    Carlo", Sec. 3.2)."""
+    x = np.asarray(x, dtype=float)
+    n = len(x) // k * k
+    return x[:n].reshape(-1, k).mean(axis=1)
+
+
+def model_summary(losses: np.ndarray, max_se: float) -> dict[str, Any]:
+    """Test loss (mean over windows), its SE, perplexity exp(loss), and whether the SE meets the
+    target."""
+    mean, se = mean_se(losses)
+    return {
+        "test_loss": mean,
+        "test_loss_se": se,
+        "test_ppl": math.exp(min(mean, 50.0)) if math.isfinite(mean) else None,
+        "se_ok": bool(se < max_se),
+    }
+
+
+def difference(
+    small: list[np.ndarray],
+    large: list[np.ndarray],
+    seeds: list[int],
+    s: EvaluateConfig,
+) -> dict[str, Any]:
+    """Large minus small on the same windows: per seed and pooled (per-window difference averaged
+    over seeds), each a paired bootstrap over windows and over blocks of windows; with two or
+    more seeds also a paired t-test across seeds. The verdict reads the wider pooled interval."""
+
+    def both(a: np.ndarray, b: np.ndarray, seed: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "windows": paired_bootstrap(a, b, s.confidence, s.bootstrap_resamples, seed)
+        }
+        if s.block_windows > 1 and len(a) // s.block_windows >= 2:
+            out["blocks"] = paired_bootstrap(
+                block_means(a, s.block_windows),
+                block_means(b, s.block_windows),
+                s.confidence,
+                s.bootstrap_resamples,
+                seed,
+            )
+            out["blocks"]["block_windows"] = s.block_windows
+        else:
+            out["blocks"] = None
+        return out
+
+    per_seed = [
+        {"seed": seed, **both(a, b, seed)} for seed, a, b in zip(seeds, small, large, strict=True)
+    ]
+    pooled = both(np.mean(small, axis=0), np.mean(large, axis=0), 0)
+    chosen = max(
+        (iv for iv in (pooled["windows"], pooled["blocks"]) if iv is not None),
+        key=lambda iv: iv["high"] - iv["low"],
+    )
+    seed_diffs = [float(np.mean(b) - np.mean(a)) for a, b in zip(small, large, strict=True)]
+    return {
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "pooled": pooled,
+        "interval": [chosen["low"], chosen["high"]],
+        "interval_from": "blocks" if chosen is pooled["blocks"] else "windows",
+        "mean_difference": pooled["windows"]["mean"],
+        "large_lower": bool(chosen["high"] < 0),
+        "large_higher": bool(chosen["low"] > 0),
+        "seed_differences": seed_diffs,
+        "across_seeds": paired_test(seed_diffs, s.confidence),
+    }
+
+
+def verdict_sentence(d: dict[str, Any], b_small: int, b_large: int, level: float) -> str:
+    """One sentence: large minus small on the test split, with its interval and what it says."""
+    lo, hi = d["interval"]
+    seeds = d["seeds"]
+    who = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds pooled"
+    head = (
+        f"test loss, batch {b_large} minus batch {b_small}: {d['mean_difference']:+.4f} nats "
+        f"[{lo:+.4f}, {hi:+.4f}] ({level:.0%} paired bootstrap over test "
+        f"{d['interval_from']}, {who})"
+    )
+    if d["large_lower"]:
+        tail = "the large batch is lower on held-out text"
+    elif d["large_higher"]:
+        tail = "the large batch is higher on held-out text"
+    else:
+        tail = "the interval includes 0: the test split does not separate the two"
+    if len(seeds) == 1:
+        tail += " (one seed: the interval is over test windows, not over training seeds)"
+    return f"{head}: {tail}"
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def load_test_windows(path: str, dtype: str, seq_len: int, max_windows: int | None) -> np.ndarray:
+    """The test split as non-overlapping windows of ``seq_len + 1`` tokens (as training cuts its
+    windows), the first ``max_windows`` of them: an int64 array [windows, seq_len + 1]."""
+    data = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    n = max(0, (len(data) - 1) // seq_len)
+    if max_windows is not None:
+        n = min(n, max_windows)
+    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+    return np.asarray(data[idx], dtype=np.int64) if n else np.zeros((0, seq_len + 1), np.int64)
+
+
+def _device(accelerator: str | None) -> torch.device:
+    if torch.cuda.is_available() and accelerator in (None, "auto", "gpu", "cuda"):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def prepare_model(
+    model: torch.nn.Module, precision: str, device: torch.device
+) -> tuple[torch.nn.Module, Any]:
+    """The model on ``device`` in eval mode, and a factory of the autocast context for
+    ``precision`` (Lightning's names): *-mixed autocasts, *-true casts the weights."""
+    model = model.to(device).eval()
+    half = torch.bfloat16 if precision.startswith("bf16") else None
+    if precision.startswith("16"):
+        half = torch.float16
+    if precision.startswith("64"):
+        model = model.double()
+    elif half is not None and precision.endswith("-true"):
+        model = model.to(half)
+    elif half is not None:
+        return model, lambda: torch.autocast(device.type, dtype=half)
+    return model, contextlib.nullcontext
+
+
+@torch.inference_mode()
+def window_losses(
+    model: torch.nn.Module,
+    windows: np.ndarray,
+    batch_size: int,
+    autocast: Any = contextlib.nullcontext,
+) -> np.ndarray:
+    """Mean next-token cross-entropy of each window (logits in fp32, as training's loss), in
+    fixed batches of ``batch_size`` windows: one float per window."""
+    device = next(model.parameters()).device
+    out = np.empty(len(windows), dtype=np.float64)
+    for start in range(0, len(windows), batch_size):
+        batch = torch.from_numpy(windows[start : start + batch_size]).to(device)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with autocast():
+            logits = model(input_ids=inputs).logits
+        ce = F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
+        )
+        out[start : start + len(batch)] = ce.view(len(batch), -1).mean(dim=1).double().cpu().numpy()
+    return out
+
+
+def prompts(windows: np.ndarray, n: int, prompt_tokens: int) -> list[np.ndarray]:
+    """``n`` fixed prompts: the first ``prompt_tokens`` tokens of evenly spaced test windows."""
+    if n <= 0 or not len(windows):
+        return []
+    picks = np.unique(
+        np.linspace(0, len(windows) - 1, num=min(n, len(windows))).round().astype(int)
+    )
+    return [windows[i, : min(prompt_tokens, windows.shape[1])] for i in picks]
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    prompt: np.ndarray,
+    n_tokens: int,
+    context: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    autocast: Any = contextlib.nullcontext,
+) -> list[int]:
+    """Continue ``prompt`` by ``n_tokens`` tokens: greedy at temperature 0, else sampled with a
+    seeded generator. The input is cropped to the model's last ``context`` tokens (as nanoGPT's
+    ``generate``), so no position exceeds what the model was trained on."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(np.asarray(prompt, dtype=np.int64), device=device)[None, :]
+    gen = torch.Generator().manual_seed(seed)
+    new: list[int] = []
+    for _ in range(n_tokens):
+        with autocast():
+            logits = model(input_ids=ids[:, -context:]).logits[0, -1]
+        logits = logits.float().cpu()
+        if temperature == 0:
+            nxt = int(torch.argmax(logits))
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        new.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+    return new
+
+
+def load_model(path: Path, rec: dict[str, Any]) -> torch.nn.Module:
+    """The Hugging Face model inside a saved CausalLMModule; UpstreamError if it does not load."""
+    from batchsize_study.model import CausalLMModule
+
+    try:
+        module = CausalLMModule.load_from_checkpoint(str(path), map_location="cpu")
+    except Exception as exc:  # torch/pickle raise many types for a damaged file
+        raise UpstreamError(
+            f"{rec.get('experiment')} run {_run_name(rec)}: its saved model {path} does not load "
+            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); "
+            f"re-train it with `python -m batchsize_study experiment={rec.get('experiment')} "
+            f"seed={rec.get('seed')} force=true` (same study.dir)"
+        ) from None
+    return module.model
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    from batchsize_study.study import write_bytes_atomic
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(path, buf.getbuffer())
+
+
+def run_evaluate(c: Config) -> dict[str, Any]:
+    """``experiment=evaluate``: score every paired saved model on the test split; write
+    ``runs/evaluate-<hash>/`` (result.json, per_window_losses.npz) and nothing else."""
+    from tokenizers import Tokenizer
+
+    from batchsize_study.data import prepare_corpus
+    from batchsize_study.runtime import check_writable, compat_key, resolve_precision, study_dir
+    from batchsize_study.study import RECORD, read_records, runs_dir, stable_hash, write_json_atomic
+
+    t0 = time.time()
+    s = c.evaluate
+    sdir = study_dir(c)
+    check_writable(sdir)
+    corpus = prepare_corpus(c.data, c.model.seq_len)
+    key = compat_key(c, corpus.fingerprint)
+    deadline = time.monotonic() + c.upstream_wait_seconds
+    while True:  # a parallel launcher may still be training the models
+        try:
+            pairs, notes = select_pairs(read_records(sdir), key, sdir)
+            break
+        except UpstreamError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+    models = models_of(pairs)
+    ckpts = {_run_name(r): checkpoint_path(r) for r in models}  # every file checked before work
+    precision = resolve_precision(c.precision, c.trainer.get("accelerator"))
+    settings = asdict(s)
+    chash = stable_hash(
+        {
+            "models": {
+                n: [str(p), models[i].get("finished_at")] for i, (n, p) in enumerate(ckpts.items())
+            },
+            "evaluate": settings,
+            "precision": precision,
+            "seed": c.seed,
+            "compat_key": key,
+        }
+    )
+    run_id = f"{EXPERIMENT}-{chash}"
+    run_dir = runs_dir(sdir) / run_id
+    record_path = run_dir / RECORD
+    if record_path.exists() and not c.force:
+        old = [r for r in read_records(sdir, EXPERIMENT) if r["_path"] == str(record_path)]
+        if old and old[0].get("status") == "completed":
+            log.info(
+                "evaluate %s already done: reporting its record; force=true re-runs it", run_id
+            )
+            return old[0]
+
+    seq_len = c.model.seq_len
+    windows = load_test_windows(corpus.test_path, corpus.dtype, seq_len, s.max_windows)
+    if len(windows) < 2:
+        raise DataError(
+            f"data.test_fraction={c.data.test_fraction}: the test split gives {len(windows)} window(s) of "
+            f"{seq_len + 1} tokens; raise data.test_fraction or use a larger corpus"
+        )
+    device = _device(c.trainer.get("accelerator"))
+    tok = Tokenizer.from_file(corpus.tokenizer_path)
+    prompt_ids = prompts(windows, s.samples, s.prompt_tokens)
+    log.info(
+        "evaluate: %d model(s) on %d test windows (%s tokens), %s on %s",
+        len(models),
+        len(windows),
+        f"{len(windows) * seq_len:,}",
+        precision,
+        device,
+    )
+    losses: dict[str, np.ndarray] = {}
+    model_rows: list[dict[str, Any]] = []
+    for rec in models:
+        name = _run_name(rec)
+        t1 = time.time()
+        model, autocast = prepare_model(load_model(ckpts[name], rec), precision, device)
+        losses[name] = window_losses(model, windows, s.batch_size, autocast)
+        samples = [
+            {
+                "prompt": tok.decode([int(t) for t in p]),
+                "continuation": tok.decode(
+                    generate(model, p, s.sample_tokens, seq_len, s.temperature, c.seed, autocast)
+                ),
+            }
+            for p in prompt_ids
+        ]
+        row = {
+            "run_id": name,
+            "experiment": rec["experiment"],
+            "batch_size": rec["batch_size"],
+            "seed": rec.get("seed"),
+            "lr": rec.get("lr"),
+            "steps_done": rec.get("steps_done"),
+            "tokens_seen": rec.get("tokens_seen"),
+            "final_val_loss": rec.get("final_val_loss"),
+            "train_precision": rec.get("precision"),
+            "checkpoint": str(ckpts[name]),
+            **model_summary(losses[name], s.max_se),
+            "samples": samples,
+            "seconds": round(time.time() - t1, 2),
+        }
+        model_rows.append(row)
+        log.info(
+            "evaluate: %s test loss %.4f ± %.4f (ppl %.2f)",
+            name,
+            row["test_loss"],
+            row["test_loss_se"],
+            row["test_ppl"],
+        )
+        del model
+
+    comparisons = []
+    for b_large in sorted({int(p.large["batch_size"]) for p in pairs}):
+        ps = sorted(
+            (p for p in pairs if int(p.large["batch_size"]) == b_large), key=lambda p: p.seed
+        )
+        b_small = int(ps[0].small["batch_size"])
+        d = difference(
+            [losses[_run_name(p.small)] for p in ps],
+            [losses[_run_name(p.large)] for p in ps],
+            [p.seed for p in ps],
+            s,
+        )
+        d.update(
+            small_batch_size=b_small,
+            large_batch_size=b_large,
+            small_runs=[_run_name(p.small) for p in ps],
+            large_runs=[_run_name(p.large) for p in ps],
+            text=verdict_sentence(d, b_small, b_large, s.confidence),
+        )
+        comparisons.append(d)
+
+    worst_se = max(r["test_loss_se"] for r in model_rows)
+    too_small = not worst_se < s.max_se
+    warning = None
+    if too_small:
+        need = int(math.ceil(len(windows) * (worst_se / s.max_se) ** 2))
+        warning = (
+            f"TEST SPLIT TOO SMALL: the standard error of a model's mean test loss is up to "
+            f"{worst_se:.4f} nats, above the target evaluate.max_se={s.max_se} "
+            f"({len(windows)} windows; about {need} would be needed). Raise data.test_fraction "
+            f"(now {c.data.test_fraction}) or use a larger corpus"
+            + (" (or raise evaluate.max_windows)" if s.max_windows is not None else "")
+        )
+        log.warning("evaluate: %s", warning)
+    message = "; ".join(cmp["text"] for cmp in comparisons)
+    if warning:
+        message = f"{warning}. {message}"
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    npz_path = run_dir / LOSSES_FILE
+    _write_npz(
+        npz_path,
+        {
+            "run_ids": np.array(list(losses)),
+            "losses": np.stack([losses[n] for n in losses]),
+            "window_start_token": np.arange(len(windows)) * seq_len,
+        },
+    )
+    record = json_safe(
+        {
+            "experiment": EXPERIMENT,
+            "status": "completed",
+            "message": message,
+            "run_id": run_id,
+            "study": c.study.name,
+            "seeds": sorted({p.seed for p in pairs}),
+            "compat_key": key,
+            "corpus_fingerprint": corpus.fingerprint,
+            "corpus_token_hash": getattr(corpus, "token_hash", None),
+            "test_split": {
+                "windows": int(len(windows)),
+                "tokens_scored": int(len(windows) * seq_len),
+                "split_tokens": corpus.test_tokens,
+                "split_documents": corpus.test_documents,
+                "seq_len": seq_len,
+                "max_windows": s.max_windows,
+                "test_fraction": c.data.test_fraction,
+            },
+            "se_target": s.max_se,
+            "max_test_loss_se": worst_se,
+            "test_split_too_small": too_small,
+            "warning": warning,
+            "models": model_rows,
+            "comparisons": comparisons,
+            "not_evaluated": notes,
+            "precision": precision,
+            "device": str(device),
+            "evaluate": settings,
+            "per_window_losses": str(npz_path),
+            "config_hash": chash,
+            "package_version": __version__,
+            "wall_seconds": round(time.time() - t0, 2),
+            "finished_at": time.time(),
+        }
+    )
+    write_json_atomic(record_path, record)
+    for cmp in comparisons:
+        log.info("evaluate: %s", cmp["text"])
+    log.info("record: %s", record_path)
+    record["_path"] = str(record_path)
+    return record
+
+
+# ---------------------------------------------------------------- report section
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any backtick run in ``text`` (generated code may hold fences)."""
+    run = cur = 0
+    for ch in text:
+        cur = cur + 1 if ch == "`" else 0
+        run = max(run, cur)
+    return "`" * max(3, run + 1)
+
+
+def _losses_of(rec: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """Per-window losses of an evaluate record (its recorded file, else the one beside it)."""
+    for p in (rec.get("per_window_losses"), Path(rec.get("_path", ".")).parent / LOSSES_FILE):
+        if p and Path(p).is_file():
+            with np.load(p) as z:
+                return {str(n): z["losses"][i] for i, n in enumerate(z["run_ids"])}
+    return None
+
+
+def evaluate_figure(rec: dict[str, Any], losses: dict[str, np.ndarray] | None) -> Any:
+    """Left: each model's test loss with its interval; right: the per-window differences large
+    minus small (pooled over seeds) with the bootstrap interval of their mean."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from batchsize_study.stats import t_quantile
+
+    fig = Figure(figsize=(10.0, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_l, ax_r = fig.subplots(1, 2)
+    level = rec["evaluate"]["confidence"]
+    z = t_quantile(level, 10**6)
+    rows = rec["models"]
+    colors = {"small_batch": "#1f77b4", "large_batch": "#d62728"}
+    for i, r in enumerate(rows):
+        ax_l.errorbar(
+            i,
+            r["test_loss"],
+            yerr=z * (r["test_loss_se"] or 0.0),
+            fmt="o",
+            color=colors.get(r["experiment"], "#555555"),
+            capsize=4,
+        )
+    ax_l.set_xticks(range(len(rows)), [f"bs{r['batch_size']}\nseed {r['seed']}" for r in rows])
+    ax_l.set_xlim(-0.5, len(rows) - 0.5)
+    ax_l.set_ylabel("test loss (nats per token)")
+    ax_l.set_title(f"Test loss, {level:.0%} interval (±{z:.2f} SE)")
+    ax_l.grid(True, alpha=0.3)
+    for cmp in rec["comparisons"]:
+        if losses is None or any(n not in losses for n in cmp["small_runs"] + cmp["large_runs"]):
+            break
+        diff = np.mean([losses[n] for n in cmp["large_runs"]], axis=0) - np.mean(
+            [losses[n] for n in cmp["small_runs"]], axis=0
+        )
+        ax_r.hist(diff, bins=40, color="#999999", alpha=0.7)
+        lo, hi = cmp["interval"]
+        ax_r.axvspan(lo, hi, color=colors["large_batch"], alpha=0.3, label=f"{level:.0%} interval")
+        ax_r.axvline(cmp["mean_difference"], color=colors["large_batch"], label="mean")
+        ax_r.axvline(0.0, color="black", lw=0.8, ls="--")
+        ax_r.set_title(
+            f"Per-window loss, bs{cmp['large_batch_size']} minus bs{cmp['small_batch_size']}"
+        )
+        break
+    ax_r.set_xlabel("loss difference (nats per token)")
+    ax_r.set_ylabel("test windows")
+    ax_r.grid(True, alpha=0.3)
+    if ax_r.get_legend_handles_labels()[0]:
+        ax_r.legend()
+    return fig
+
+
+def evaluate_section(
+    records: list[dict[str, Any]], out_dir: str | Path, dpi: int = 130
+) -> tuple[str, dict[str, Any], list[str]]:
+    """(markdown, json-able data, PNG paths) of the study's latest test-set evaluation."""
+    recs = [
+        r for r in records if r.get("experiment") == EXPERIMENT and r.get("status") == "completed"
+    ]
+    lines = ["## Saved models on the held-out test split", ""]
+    if not recs:
+        lines.append(
+            "No test-set evaluation in this study: `python -m batchsize_study experiment=evaluate` "
+            "(after large_batch) scores the saved models on the held-out test split."
+        )
+        return "\n".join(lines) + "\n", {}, []
+    rec = recs[-1]
+    data = {k: v for k, v in rec.items() if k != "_path"}
+    ts = rec["test_split"]
+    level = rec["evaluate"]["confidence"]
+    if rec.get("warning"):
+        lines += [f"**Warning: {rec['warning']}.**", ""]
+    lines += [
+        f"Test split: {ts['windows']:,} windows of {ts['seq_len']} tokens ({ts['tokens_scored']:,} "
+        f"tokens scored; the split holds {ts['split_tokens']:,} tokens from {ts['split_documents']} "
+        f"documents that training and validation never read). Largest standard error of a model's "
+        f"mean test loss: {fmt(rec['max_test_loss_se'])} nats (target below {rec['se_target']}). "
+        f"Precision {rec['precision']}.",
+        "",
+    ]
+    for cmp in rec["comparisons"]:
+        lines.append(f"- **{cmp['text']}**.")
+        pooled = cmp["pooled"]
+        w, b = pooled["windows"], pooled.get("blocks")
+        extra = f"per window [{w['low']:+.4f}, {w['high']:+.4f}] (se {w['se']:.4f})"
+        if b:
+            extra += (
+                f", per block of {b['block_windows']} windows [{b['low']:+.4f}, {b['high']:+.4f}]"
+            )
+        lines.append(f"  Intervals: {extra}; the verdict uses the wider.")
+        t = cmp.get("across_seeds")
+        if t and t.get("interval"):
+            lines.append(
+                f"  Across {t['n_seeds']} seeds (paired t): mean {t['mean_difference']:+.4f}, "
+                f"{level:.0%} interval [{t['interval'][0]:+.4f}, {t['interval'][1]:+.4f}], "
+                f"p = {t['p_value']:.3g}."
+            )
+    lines += [
+        "",
+        "| run | batch | seed | peak lr | final val loss | test loss ± se | test ppl |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rec["models"]:
+        lines.append(
+            f"| {r['run_id']} | {r['batch_size']} | {r['seed']} | {fmt(r['lr'], '.4g')} | "
+            f"{fmt(r['final_val_loss'])} | {fmt(r['test_loss'])} ± {fmt(r['test_loss_se'])} | "
+            f"{fmt(r['test_ppl'], '.2f')} |"
+        )
+    if rec.get("not_evaluated"):
+        lines += ["", "Not evaluated: " + "; ".join(rec["not_evaluated"]) + "."]
+    pngs: list[str] = []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = evaluate_figure(rec, _losses_of(rec))
+    png = out / "evaluate_test_loss.png"
+    fig.savefig(png, dpi=dpi, bbox_inches="tight")
+    pngs.append(str(png))
+    lines += ["", f"![test loss]({png.name})", ""]
+    s = rec["evaluate"]
+    how = "greedy" if not s["temperature"] else f"sampled at temperature {s['temperature']}"
+    samples = [r for r in rec["models"] if r.get("samples")]
+    if samples:
+        lines += [
+            f"Generated samples ({how}, {s['sample_tokens']} tokens after a {s['prompt_tokens']}-token "
+            "prompt from the test split; the prompt is shown before the `⟶` marker):",
+            "",
+        ]
+        for r in samples:
+            lines.append(f"*{r['experiment']}, batch {r['batch_size']}, seed {r['seed']}:*")
+            lines.append("")
+            for smp in r["samples"]:
+                text = f"{smp['prompt']}⟶{smp['continuation']}"
+                fence = _fence(text)
+                lines += [fence, text, fence, ""]
+    return "\n".join(lines) + "\n", data, pngs
