@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from batchsize_study import ladder
 from batchsize_study.config import CompareConfig
+from batchsize_study.evaluate import evaluate_section
 from batchsize_study.metrics import read_metrics
 from batchsize_study.probe_analysis import SUMMARY
 from batchsize_study.report import figures
@@ -466,9 +467,25 @@ def external(
     return section
 
 
+def section_evaluation(study: Study, ctx: ReportContext) -> Section:
+    """The saved models on the held-out test split (experiment=evaluate), when it has run."""
+    md, data, pngs = evaluate_section(study.records, ctx.out_dir, ctx.settings.dpi)
+    lines = md.strip().splitlines()
+    if lines and lines[0].startswith("#"):
+        lines = lines[1:]
+    return Section(
+        "evaluation",
+        "The saved models on the test split",
+        "\n".join(lines).strip(),
+        data,
+        [Path(p).name for p in pngs],
+    )
+
+
 SECTIONS: tuple[SectionFn, ...] = (
     section_verdict,
     section_runs,
+    section_evaluation,
     section_curves,
     section_schedules,
     section_diagnostics,
