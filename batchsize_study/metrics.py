@@ -28,6 +28,7 @@ CSV_FIELDS = (
     "tokens_per_second",
     "mfu",
     "elapsed_s",
+    "val_loss_se",
 )
 FINAL_WINDOW = 10
 """The record's final training loss is the mean of the last (up to) this many finite step
@@ -49,6 +50,8 @@ class Curves:
     val_tokens: np.ndarray
     val_loss: np.ndarray
     val_ppl: np.ndarray
+    val_loss_se: np.ndarray
+    """Standard error of each validation loss over its windows (NaN in older files)."""
 
     @property
     def empty(self) -> bool:
@@ -59,11 +62,11 @@ class Curves:
         return final_train_loss(self.train_loss.tolist())
 
     @property
-    def final_val(self) -> tuple[float, float] | None:
-        """(val loss, val perplexity) of the last validation, if any."""
+    def final_val(self) -> tuple[float, float, float] | None:
+        """(val loss, val perplexity, its standard error) of the last validation, if any."""
         if len(self.val_step) == 0:
             return None
-        return float(self.val_loss[-1]), float(self.val_ppl[-1])
+        return float(self.val_loss[-1]), float(self.val_ppl[-1]), float(self.val_loss_se[-1])
 
 
 def _num(s: str | None) -> float:
@@ -92,11 +95,11 @@ def read_metrics(path: str | os.PathLike) -> Curves:
                     )
                 elif row.get("val_loss") not in (None, ""):
                     val[int(step)] = tuple(
-                        _num(row.get(k)) for k in ("tokens", "val_loss", "val_ppl")
+                        _num(row.get(k)) for k in ("tokens", "val_loss", "val_ppl", "val_loss_se")
                     )
     steps, vsteps = sorted(train), sorted(val)
     t = np.array([train[s] for s in steps], dtype=float).reshape(-1, 5)
-    v = np.array([val[s] for s in vsteps], dtype=float).reshape(-1, 3)
+    v = np.array([val[s] for s in vsteps], dtype=float).reshape(-1, 4)
     return Curves(
         step=np.array(steps, dtype=float),
         tokens=t[:, 0],
@@ -108,6 +111,7 @@ def read_metrics(path: str | os.PathLike) -> Curves:
         val_tokens=v[:, 0],
         val_loss=v[:, 1],
         val_ppl=v[:, 2],
+        val_loss_se=v[:, 3],
     )
 
 

@@ -9,7 +9,7 @@ from dataclasses import asdict
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from batchsize_study.config import ModelConfig, OptimConfig, ScheduleConfig
 from batchsize_study.schedule import build_scheduler
@@ -125,13 +125,26 @@ class CausalLMModule(pl.LightningModule):
         self.max_steps, self.warmup_steps = max_steps, warmup_steps
         self.model = build_model(self.model_cfg, vocab_size)
         self._forward = torch.compile(self.model) if compile else self.model
+        # Per-window losses' mean and mean square (synced across ranks by torchmetrics): the
+        # validation loss and the standard error of its mean over the windows.
         self.val_loss = MeanMetric()
+        self.val_sq = MeanMetric()
+        self.val_windows = SumMetric()
         self.step_stats = StepStats()
         self.last_val: dict[str, float] = {}
 
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    def window_losses(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of each window (fp32): one number per sequence."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = self._forward(input_ids=inputs).logits.float()
+        per_token = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
+        )
+        return per_token.view(targets.shape).mean(dim=1)
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the window (computed here on the logits, in fp32)."""
@@ -143,13 +156,23 @@ class CausalLMModule(pl.LightningModule):
         return self.loss(batch)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        loss = self.loss(batch)
-        self.val_loss.update(loss, weight=batch.size(0))
+        per_window = self.window_losses(batch)
+        self.val_loss.update(per_window)
+        self.val_sq.update(per_window.square())
+        self.val_windows.update(torch.tensor(float(per_window.numel()), device=per_window.device))
 
     def on_validation_epoch_end(self) -> None:
         val = float(self.val_loss.compute())
-        self.val_loss.reset()
-        self.last_val = {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))}
+        sq, n = float(self.val_sq.compute()), float(self.val_windows.compute())
+        for m in (self.val_loss, self.val_sq, self.val_windows):
+            m.reset()
+        # Standard error of the mean over n windows: sqrt(sample variance / n).
+        var = max(sq - val * val, 0.0) * n / (n - 1) if n > 1 else math.nan
+        self.last_val = {
+            "val/loss": val,
+            "val/ppl": math.exp(min(val, 50.0)),
+            "val/loss_se": math.sqrt(var / n) if n > 1 else math.nan,
+        }
         self.log_dict(self.last_val, prog_bar=True, logger=False, sync_dist=False)
 
     def configure_gradient_clipping(

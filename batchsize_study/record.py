@@ -60,7 +60,11 @@ def build_record(o: RunOutcome) -> dict[str, Any]:
     """The record of a training run (result.json)."""
     c, plan, v, extra = o.config, o.plan, o.verdict, o.lr.derivation
     curves = read_metrics(o.run_dir / METRICS)
-    final_val = (o.val.get("val/loss"), o.val.get("val/ppl")) if o.val else curves.final_val
+    final_val = (
+        (o.val.get("val/loss"), o.val.get("val/ppl"), o.val.get("val/loss_se"))
+        if o.val
+        else curves.final_val
+    )
     tps = median(o.tokens_per_second) if o.tokens_per_second else None
     rec: dict[str, Any] = {
         "experiment": c.task,
@@ -86,6 +90,7 @@ def build_record(o: RunOutcome) -> dict[str, Any]:
         "final_train_loss": curves.final_train_loss,
         "final_val_loss": final_val[0] if final_val else None,
         "final_val_ppl": final_val[1] if final_val else None,
+        "final_val_loss_se": final_val[2] if final_val else None,
         "checkpoint": str(o.checkpoint) if o.checkpoint and o.checkpoint.exists() else None,
         "metrics_csv": str(o.run_dir / METRICS),
         "wall_seconds": round(time.time() - o.started_at, 2),

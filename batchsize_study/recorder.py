@@ -286,11 +286,12 @@ class StepRecorder(pl.Callback):
                         "tokens": step * self.tokens_per_step,
                         "val_loss": val["val/loss"],
                         "val_ppl": val["val/ppl"],
+                        "val_loss_se": val.get("val/loss_se"),
                     }
                 ]
             )
             if trainer.loggers:
-                metrics = {"val/loss": val["val/loss"], "val/ppl": val["val/ppl"]}
+                metrics = {k: v for k, v in val.items() if math.isfinite(v)}
                 self._loggers.put(trainer.loggers, metrics, step)
 
     def _write(self, rows: list[dict[str, Any]]) -> None:

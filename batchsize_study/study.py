@@ -16,7 +16,7 @@ from typing import Any
 
 from batchsize_study.config import Config
 from batchsize_study.errors import ConfigError, UpstreamError
-from batchsize_study.stats import median
+from batchsize_study.stats import json_safe, median
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> Non
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """A record, written with :func:`write_bytes_atomic`."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    """A record, written with :func:`write_bytes_atomic` (NaN and infinities as null: valid JSON)."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str) + "\n"
     write_bytes_atomic(path, text.encode())
 
 
