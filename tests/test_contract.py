@@ -55,8 +55,9 @@ def test_consumers_follow_the_declared_protocol():
     assert isinstance(NoiseScaleCallback(2, 8), StepConsumer)
 
 
-def _imports(path: Path, package: str) -> set[str]:
-    """Every batchsize_study module imported anywhere in the file, lazy imports included."""
+def _imports(path: Path, package: str, modules: set[str]) -> set[str]:
+    """Every batchsize_study module imported anywhere in the file, lazy imports included.
+    ``from pkg import sub`` depends on the submodule ``pkg.sub`` when there is one, else on pkg."""
     tree = ast.parse(path.read_text())
     out = set()
     here = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -69,7 +70,7 @@ def _imports(path: Path, package: str) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            names = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
         else:
             continue
         out.update(n for n in names if n == package or n.startswith(package + "."))
@@ -84,7 +85,7 @@ def _module_graph() -> dict[str, set[str]]:
         mods[name] = p
     graph = {}
     for name, p in mods.items():
-        deps = {d for d in _imports(p, "batchsize_study") if d in mods and d != name}
+        deps = {d for d in _imports(p, "batchsize_study", set(mods)) if d in mods and d != name}
         # `from batchsize_study import x` names a submodule when x is one
         graph[name] = {d for d in deps if d != "batchsize_study" or name == "batchsize_study"}
     return graph
