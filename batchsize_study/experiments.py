@@ -64,6 +64,7 @@ _NOT_HASHED = (
     "upstream_wait_seconds",
     "checkpoint_every_steps",
     "compare",
+    "sweep",  # an lr_sweep run is its LR and seed: a changed grid reuses the runs it shares
 )
 _NOT_HASHED_DATA = ("cache_dir", "num_workers")
 _NOT_HASHED_TRAINER = ("enable_progress_bar", "enable_model_summary")
@@ -80,6 +81,10 @@ def run(cfg: DictConfig | Config) -> dict[str, Any]:
         from batchsize_study.probe import run_probe
 
         return run_probe(c)
+    if c.task == "lr_sweep":
+        from batchsize_study.sweep import run_sweep
+
+        return run_sweep(c)
     return train(c)
 
 
@@ -163,6 +168,8 @@ def derive_lr(c: Config, sdir: str, key: str) -> tuple[float, str, dict[str, Any
         return float(c.lr), "given: the too-high warmup target (lr)", extra  # type: ignore[arg-type]
     if c.task == "stability_probe":  # batchsize_study.probe sets lr = multiple * x
         return float(c.lr), "given: stability probe, lr = multiple * x", extra  # type: ignore[arg-type]
+    if c.task == "lr_sweep":  # batchsize_study.sweep sets lr per grid point
+        return float(c.lr), "given: lr sweep grid point", extra  # type: ignore[arg-type]
     if c.task == "small_batch":
         if c.lr is not None:
             return c.lr, "given: lr on the command line/config", extra
@@ -560,7 +567,7 @@ def _needs_final_validation(
     only, so every DDP rank reaches the same answer."""
     periodic = c.val_every_steps < c.max_steps
     return (
-        keep_model
+        (keep_model or c.task == "lr_sweep")  # a sweep point's answer is its final val loss
         and c.val_at_end
         and periodic
         and c.max_steps % c.val_every_steps != 0
@@ -581,7 +588,7 @@ def _existing_record(path: Path) -> dict[str, Any] | None:
 
 def _status(c: Config, trainer: pl.Trainer, detector: DestabilisationCallback) -> tuple[str, str]:
     v = detector.verdict
-    if detector.failure and c.task == "stability_probe":  # a probe that blows up has an answer
+    if detector.failure and c.task in ("stability_probe", "lr_sweep"):  # an answer, not a fault
         return "diverged", detector.failure
     if detector.failure:
         return "failed", detector.failure
@@ -693,12 +700,16 @@ def _record(
         rec["noise"] = noise_cb.summary()
     if c.task == "stability_probe":
         rec["probe_multiple"] = extra.get("probe_multiple")
+    if c.task == "lr_sweep":
+        rec["sweep_multiple"] = extra.get("sweep_multiple")
     if c.task == "superconvergence" and v.destabilised:
         rec.update(
             unstable_lr=v.onset_lr,
             spike_step=v.onset_step,
             alarm_step=v.alarm_step,
             detector_reason=v.reason,
+            onset_definition=v.definition,
+            warmup_shape=c.schedule.warmup_shape,
         )
     if c.task == "large_batch" and extra.get("unstable_lr"):
         rec["z_over_x"] = peak_lr / extra["unstable_lr"]
@@ -710,7 +721,7 @@ def _record(
                 extra["unstable_lr"],
                 rec["z_over_x"],
             )
-    if c.task in ("small_batch", "large_batch", "stability_probe") and v.destabilised:
+    if c.task in ("small_batch", "large_batch", "stability_probe", "lr_sweep") and v.destabilised:
         rec["instability_warning"] = {
             "onset_step": v.onset_step,
             "onset_lr": v.onset_lr,
