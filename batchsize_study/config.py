@@ -113,7 +113,8 @@ class DetectorConfig:
     a higher LR stopped buying a lower loss (the LR range test's reading, Smith 2017)."""
     lag_correction: bool = False
     """Move the onset back by the EMA's mean lag, smoothing / (1 - smoothing) steps (9 at 0.9):
-    the smoothed loss turns that many steps after the raw loss does."""
+    the smoothed loss follows a linear trend that many steps late. At a sharp turn its minimum
+    trails by less, at a kink into a plateau by more: measure before relying on it."""
 
     def __post_init__(self) -> None:
         _check(

@@ -710,6 +710,7 @@ def _record(
             detector_reason=v.reason,
             onset_definition=v.definition,
             warmup_shape=c.schedule.warmup_shape,
+            detector=asdict(c.detector),  # lets the report replay metrics.csv under other rules
         )
     if c.task == "large_batch" and extra.get("unstable_lr"):
         rec["z_over_x"] = peak_lr / extra["unstable_lr"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
@@ -152,6 +153,26 @@ class InstabilityDetector:
                 self.definition,
             )
         return self._verdict
+
+
+def replay(
+    rows: Iterable[tuple[int, float, float]], cfg: DetectorConfig
+) -> tuple[Verdict, list[float]]:
+    """Feed recorded ``(step, lr, train_loss)`` rows (a run's metrics.csv) to a fresh detector.
+
+    Returns the verdict and the smoothed loss of every row fed (until it fired): onset rules can
+    then be compared on one run without training again (the alarm, and so the rows a
+    superconvergence run records, does not depend on ``onset``).
+    """
+    det = InstabilityDetector.from_config(cfg)
+    smoothed: list[float] = []
+    verdict = STABLE
+    for step, lr, loss in rows:
+        verdict = det.update(step, lr, loss)
+        smoothed.append(det.smoothed)
+        if verdict.destabilised:
+            break
+    return verdict, smoothed
 
 
 class DestabilisationCallback(pl.Callback):
