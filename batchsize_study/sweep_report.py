@@ -374,24 +374,32 @@ def tuned_y(seed: dict[str, Any] | None) -> float:
 
 
 def _plot_pair(axes: Any, rows: dict[str, dict[str, Any]], small_bs: int, large_bs: int) -> None:
-    for ax, key, title in ((axes[0], "per_step", "per optimizer step (final val loss)"),
-                           (axes[1], "per_token", "per token (train loss at equal tokens)")):  # fmt: skip
-        names = list(rows)
+    """Points with standard errors (where known), not bars: the losses do not start at zero."""
+    panels = (
+        (axes[0], "per_step", "per optimizer step (final val loss)"),
+        (axes[1], "per_token", "per token (training loss at equal tokens)"),
+    )
+    names = list(rows)
+    for ax, key, title in panels:
         for k, (who, bs, color) in enumerate(
             (("small", small_bs, COLORS[0]), ("large", large_bs, COLORS[1]))
         ):
-            vals = []
-            for n in names:
+            xs, ys, es = [], [], []
+            for i, n in enumerate(names):
                 v = (rows[n].get(key) or {}).get(who)
-                vals.append((v.get("loss") if isinstance(v, dict) else v) or math.nan)
-            ax.bar([i + 0.38 * k for i in range(len(names))], vals, width=0.36, color=color,
-                   label=f"batch {bs}")  # fmt: skip
-        ax.set_xticks([i + 0.19 for i in range(len(names))], names, fontsize=8)
-        finite = [b.get_height() for b in ax.patches if math.isfinite(b.get_height())]
-        if finite:
-            ax.set_ylim(min(finite) - 0.3, max(finite) + 0.2)
+                loss = v.get("loss") if isinstance(v, dict) else v
+                if loss is None:
+                    continue
+                xs.append(i + (k - 0.5) * 0.2)
+                ys.append(loss)
+                es.append((v.get("se") if isinstance(v, dict) else None) or 0.0)
+            ax.errorbar(xs, ys, yerr=es, fmt="o", ms=8, capsize=4, color=color,
+                        label=f"batch {bs}")  # fmt: skip
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_xlim(-0.6, len(names) - 0.4)
         ax.set_ylabel("loss (nats per token)")
         ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
 
 
@@ -422,10 +430,12 @@ def superconvergence_section(
     used = _detector_cfg(rec)
     onsets: dict[str, dict[str, Any]] = {}
     smoothed: list[float] = []
-    for name, cfg in (
-        (used.onset + ("+lag" if used.lag_correction else ""), used),
-        ("rise", _detector_cfg(rec, onset="rise", lag_correction=False)),
-    ):
+    rules = {used.onset + ("+lag" if used.lag_correction else ""): used}
+    for onset, lag in (("rise", False), ("min_loss", False), ("min_loss", True)):
+        rules.setdefault(
+            onset + ("+lag" if lag else ""), _detector_cfg(rec, onset=onset, lag_correction=lag)
+        )
+    for name, cfg in rules.items():
         v, sm = replay(triples, cfg)
         smoothed = smoothed or sm
         onsets[name] = {
@@ -436,15 +446,17 @@ def superconvergence_section(
     sw = sweeps(study_dir)
     cliff = sw[min(sw)]["cliff_lr"] if sw else None
     lines += [
-        f"Warmup: {rec.get('warmup_shape', 'linear')} to lr = {max(r['lr'] for r in rows):.3g} "
-        f"over the run; the record's x = {rec['unstable_lr']:.4g} (onset definition: "
-        f"{rec.get('onset_definition', 'rise')}).",
+        f"Warmup: {rec.get('warmup_shape', 'linear')}, stopped at step {rec.get('alarm_step')} "
+        f"(lr {max(r['lr'] for r in rows):.3g}); the record's x = {rec['unstable_lr']:.4g} (onset "
+        f"rule {rec.get('onset_definition', 'rise')}). Every rule below reads the same run (its "
+        "metrics.csv replayed through the detector); they differ only in which step is the onset.",
         "",
         "| onset rule | step | LR | / small-batch cliff |",
         "|---|---|---|---|",
     ]
     for name, o in onsets.items():
         label = "rise (the seed's literal reading)" if name == "rise" else name
+        label += " (used)" if o is onsets[next(iter(onsets))] else ""
         lines.append(
             f"| {label} | {o['onset_step']} | {_f(o['onset_lr'], '.4g')} "
             f"| {_f(o['onset_lr'] / cliff if (cliff and o['onset_lr']) else None, '.3g')} |"
@@ -454,7 +466,8 @@ def superconvergence_section(
     ax.plot([r["lr"] for r in rows], [r["train_loss"] if math.isfinite(r["train_loss"]) else math.nan
             for r in rows], color="#999999", lw=0.6, alpha=0.6, label="training loss")  # fmt: skip
     ax.plot(lrs, smoothed, color=COLORS[0], lw=2, label="smoothed (EMA, bias-corrected)")
-    for (name, o), color, ls in zip(onsets.items(), (COLORS[1], COLORS[3]), ("--", ":")):
+    shown = {k: onsets[k] for k in dict.fromkeys([next(iter(onsets)), "rise"])}
+    for (name, o), color, ls in zip(shown.items(), (COLORS[1], COLORS[3]), ("--", ":")):
         if o["onset_lr"]:
             ax.axvline(o["onset_lr"], color=color, ls=ls, lw=1.5,
                        label=f"onset {name}: {o['onset_lr']:.3g}")  # fmt: skip

@@ -120,20 +120,22 @@ def test_smoke_lr_sweep_end_to_end_and_its_report(cfg_factory, tmp_path: Path):
     sc = run(cfg_factory("experiment=superconvergence"))
     assert sc["status"] == "diverged" and sc["onset_definition"]
     x = sc["unstable_lr"]
+    short = ("max_steps=12", "warmup_steps=3", "val_every_steps=5")  # final val: an extra pass
     for exp in ("small_batch", "large_batch"):
-        assert run(cfg_factory(f"experiment={exp}"))["status"] == "completed"
-    small = run(cfg_factory("experiment=lr_sweep", "sweep.multiples=[0.25,1]"))
-    large = run(cfg_factory("experiment=lr_sweep", "sweep.multiples=[0.25,1]", "batch_size=64"))
+        assert run(cfg_factory(f"experiment={exp}", *short))["status"] == "completed"
+    grid = ("experiment=lr_sweep", "sweep.multiples=[0.25,1]", *short)
+    small = run(cfg_factory(*grid))
+    large = run(cfg_factory(*grid, "batch_size=64"))
     assert small["experiment"] == SUMMARY and small["unstable_lr"] == x
     assert len(small["points"]) == 2 and large["batch_size"] == 64
     assert {p["lr"] for p in small["points"]} == {
         lr for lr, _ in sweep_lrs([0.25, 1], None, x, True)
     }
     runs = read_records(study, "lr_sweep")
-    assert len(runs) == 4 and all(r["steps_done"] == 40 or r["status"] == "diverged" for r in runs)
+    assert len(runs) == 4 and all(r["steps_done"] == 12 or r["status"] == "diverged" for r in runs)
     assert all(r["final_val_loss"] is not None for r in runs if r["status"] == "completed")
     # Finished runs are reported, not redone; the summary recomputes from its points.
-    again = run(cfg_factory("experiment=lr_sweep", "sweep.multiples=[0.25,1]"))
+    again = run(cfg_factory(*grid))
     assert [p["run_id"] for p in again["points"]] == [p["run_id"] for p in small["points"]]
     assert summarise(small["points"], small["sigmas"])["cliff_lr"] == small["cliff_lr"]
 
