@@ -86,7 +86,7 @@ class ScheduleConfig:
         )
 
 
-ONSETS = ("rise", "min_loss")
+ONSETS = ("rise", "min_loss", "plateau")
 
 
 @dataclass
@@ -103,14 +103,17 @@ class DetectorConfig:
     """Consecutive optimizer steps the rise must last: one noisy stretch is not an instability."""
     onset_tolerance: float = 0.01
     """onset=rise: the onset is the last step, before the alarm, where the smoothed loss was within
-    this fraction of its best: where it *left* its best, not where the alarm fired."""
+    this fraction of its best: where it *left* its best, not where the alarm fired. onset=plateau:
+    the first step within this fraction of the best: where it *reached* it."""
     ignore_first: int = 20
     """Steps ignored at the start, where the loss falls from ln(V) and is not yet informative."""
     onset: str = "rise"
     """Which step of a detected instability is x (the alarm is the same rise rule for both):
     rise: the seed's literal reading, the last step still within onset_tolerance of the best before
     the smoothed loss rose threshold above it; min_loss: the step of the lowest smoothed loss, where
-    a higher LR stopped buying a lower loss (the LR range test's reading, Smith 2017)."""
+    a higher LR stopped buying a lower loss (the LR range test's reading, Smith 2017); plateau: the
+    first step within onset_tolerance of that lowest loss, where a higher LR stopped buying a
+    material improvement (see batchsize_study/spike.py)."""
     lag_correction: bool = False
     """Move the onset back by the EMA's mean lag, smoothing / (1 - smoothing) steps (9 at 0.9):
     the smoothed loss follows a linear trend that many steps late. At a sharp turn its minimum

@@ -10,9 +10,12 @@ best, and fires when the smoothed loss stays ``threshold`` above the best for ``
   loss was still within ``onset_tolerance`` of its best.
 * ``min_loss``: the step of the lowest smoothed loss, where a higher LR stopped buying a lower
   loss: the reading of an LR range test (Smith 2017, "Cyclical Learning Rates for Training Neural
-  Networks", section 3.3). Measured on the default study (docs/lr_sweep.md), a loss that
-  destabilises sits on a plateau for long before it rises 5 %, and ``rise`` reads x at the end of
-  that plateau, 4-8x above where full-length runs break; ``min_loss`` reads its start.
+  Networks", section 3.3).
+* ``plateau``: the first step at which the smoothed loss came within ``onset_tolerance`` of the
+  best it reached before the alarm: where a higher LR stopped buying a *material* improvement.
+  ``rise`` reads the end of the plateau the loss sits on before it rises, ``plateau`` its start.
+  Measured on the default study (docs/lr_sweep.md), that plateau spans most of a decade of LR
+  and full-length runs break near its start.
 
 ``lag_correction`` moves the onset back by the EMA's mean lag, ``smoothing / (1 - smoothing)``
 steps: the bias-corrected EMA's weights have their centre of mass that far in the past.
@@ -68,6 +71,8 @@ class InstabilityDetector:
     _above: int = 0
     # (step, lr, smoothed, lagged step, lagged lr) from the best step on
     _history: list[tuple[int, float, float, int, float]] = field(default_factory=list)
+    # the same entries for every step still within onset_tolerance of the best (plateau start)
+    _near: list[tuple[int, float, float, int, float]] = field(default_factory=list)
     _recent: deque[tuple[int, float]] = field(default_factory=deque)
     _verdict: Verdict = STABLE
     smoothed: float = math.nan
@@ -100,6 +105,8 @@ class InstabilityDetector:
     def _onset(self) -> tuple[int, float]:
         """The onset's (step, lr) under the configured definition (lagged if asked)."""
         entry = self._history[0]  # min_loss: the step of the best smoothed loss
+        if self.onset == "plateau" and self._near:  # the first step within tolerance of the best
+            entry = self._near[0]
         if self.onset == "rise":  # walk back from the newest step to the last one near the best
             limit = self._best * (1.0 + self.onset_tolerance)
             entry = next((h for h in reversed(self._history) if h[2] <= limit), entry)
@@ -109,7 +116,7 @@ class InstabilityDetector:
         if self._verdict.destabilised:
             return self._verdict
         if not math.isfinite(loss):
-            known = self._history and (self._above > 0 or self.onset == "min_loss")
+            known = self._history and (self._above > 0 or self.onset != "rise")
             onset = self._onset() if known else (step, lr)
             self._verdict = Verdict(
                 True,
@@ -132,9 +139,13 @@ class InstabilityDetector:
         if self.smoothed < self._best:
             self._best = self.smoothed
             self._history = [(step, lr, self.smoothed, *lagged)]
+            limit = self._best * (1.0 + self.onset_tolerance)
+            self._near = [h for h in self._near if h[2] <= limit] + self._history
             self._above = 0
             return STABLE
         self._history.append((step, lr, self.smoothed, *lagged))
+        if self.smoothed <= self._best * (1.0 + self.onset_tolerance):
+            self._near.append(self._history[-1])
         if self.smoothed > self._best * (1.0 + self.threshold):
             self._above += 1
         else:

@@ -431,10 +431,10 @@ def superconvergence_section(
     onsets: dict[str, dict[str, Any]] = {}
     smoothed: list[float] = []
     rules = {used.onset + ("+lag" if used.lag_correction else ""): used}
-    for onset, lag in (("rise", False), ("min_loss", False), ("min_loss", True)):
-        rules.setdefault(
-            onset + ("+lag" if lag else ""), _detector_cfg(rec, onset=onset, lag_correction=lag)
-        )
+    for onset in ("rise", "min_loss", "plateau"):
+        for lag in (False, True):
+            name = onset + ("+lag" if lag else "")
+            rules.setdefault(name, _detector_cfg(rec, onset=onset, lag_correction=lag))
     for name, cfg in rules.items():
         v, sm = replay(triples, cfg)
         smoothed = smoothed or sm

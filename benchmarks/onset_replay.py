@@ -3,7 +3,7 @@
     python benchmarks/onset_replay.py <study.dir> [<study.dir> ...]
 
 For each study: the newest diverged superconvergence record's metrics.csv is fed again through
-the detector (``batchsize_study.spike.replay``) under onset = rise | min_loss, with and without
+the detector (``batchsize_study.spike.replay``) under onset = rise | min_loss | plateau, with and without
 the EMA lag correction; each x is printed with x / (small-batch sweep cliff) and, where the sweep
 has the loss at the grid LR nearest y = x / 2, that loss minus the best swept loss. No training.
 Prints one JSON object per study (raw numbers for docs/lr_sweep.md).
@@ -45,7 +45,7 @@ def main(dirs: list[str]) -> None:
                 noise=small["noise_method"],
             )
         rules = {}
-        for onset in ("rise", "min_loss"):
+        for onset in ("rise", "min_loss", "plateau"):
             for lag in (False, True):
                 v, _ = replay(rows, _detector_cfg(sc, onset=onset, lag_correction=lag))
                 x = v.onset_lr

@@ -163,3 +163,30 @@ def test_detector_settings_validate_where_defined():
         DetectorConfig(onset="dip")
     with pytest.raises(ConfigError, match="detector.smoothing"):
         DetectorConfig(smoothing=1.0)
+
+
+def test_plateau_onset_is_where_the_loss_reached_its_plateau():
+    # Falls to step 150, drifts up 0.6 % over 100 steps, then jumps: the seed's rule reads the end
+    # of the plateau (~250), min_loss its lowest smoothed point, plateau its start (~150).
+    lo = 6.0 - 0.01 * 150
+    series = [6.0 - 0.01 * i for i in range(1, 151)]
+    series += [lo * (1 + 0.006 * j / 100) for j in range(1, 101)]
+    series += [lo * 1.2] * 40
+    plateau = feed(InstabilityDetector(onset="plateau"), series)
+    lagged = feed(InstabilityDetector(onset="plateau", lag_correction=True), series)
+    minimum = feed(InstabilityDetector(onset="min_loss"), series)
+    assert plateau is not None and lagged is not None and minimum is not None
+    assert plateau.alarm_step == minimum.alarm_step
+    assert 145 <= plateau.onset_step <= 160 < minimum.onset_step, (plateau, minimum)
+    assert 140 <= lagged.onset_step <= 152 and lagged.definition == "plateau+lag"
+    # A new best later in the run moves the plateau's start to the new band.
+    again = series[:250] + [lo * (1 - 0.04 * j / 20) for j in range(1, 21)] + [lo * 1.3] * 40
+    later = feed(InstabilityDetector(onset="plateau"), again)
+    assert later is not None and later.onset_step > 250, later
+
+
+def test_plateau_onset_on_nan_and_noise():
+    v = feed(InstabilityDetector(onset="plateau"), v_shape(turn=100, n=150) + [float("nan")])
+    assert v is not None and v.alarm_step == 151 and v.onset_step <= 110
+    for seed in range(3):
+        assert feed(InstabilityDetector(onset="plateau"), decay(600, seed=seed)) is None
