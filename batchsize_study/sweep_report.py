@@ -68,12 +68,15 @@ def sweeps(study_dir: str | Path) -> dict[int, dict[str, Any]]:
 def seed_rule(study_dir: str | Path) -> dict[str, Any]:
     """x, and the newest completed small_batch (y) and large_batch (z) records per batch size."""
     sc = [r for r in read_records(study_dir, "superconvergence") if r.get("status") == "diverged"]
+    x = sc[-1]["unstable_lr"] if sc else None
     runs: dict[int, dict[str, Any]] = {}
     for exp in ("small_batch", "large_batch"):
-        for r in read_records(study_dir, exp):
-            if r.get("status") == "completed":
-                runs[int(r["batch_size"])] = r
-    return {"x": sc[-1]["unstable_lr"] if sc else None, "sc": sc[-1] if sc else None, "runs": runs}
+        done = [r for r in read_records(study_dir, exp) if r.get("status") == "completed"]
+        # runs derived from this x first (a study may hold runs from an earlier x), newest last
+        done.sort(key=lambda r: r.get("unstable_lr") == x)
+        for r in done:
+            runs[int(r["batch_size"])] = r
+    return {"x": x, "sc": sc[-1] if sc else None, "runs": runs}
 
 
 def _figure(w: float = 8.0, h: float = 5.0, ncols: int = 1) -> tuple[Figure, Any]:
