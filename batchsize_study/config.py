@@ -31,6 +31,7 @@ TASKS = (
     "compare",
     "stability_probe",
     "evaluate",
+    "lr_sweep",
 )
 
 
@@ -87,11 +88,36 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     warmup_shape: str = "linear"
-    """linear | cosine | exponential: how the LR rises from ~0 to its peak over warmup_steps."""
+    """linear | cosine | exponential: how the LR rises from ~0 to its peak over warmup_steps.
+    exponential starts at 1e-3 x peak and spends equal steps per decade of LR (the LR range test's
+    sweep, Smith 2017, "Cyclical Learning Rates for Training Neural Networks")."""
     decay: str = "cosine"
     """cosine | constant: what follows the warmup."""
     min_lr_ratio: float = 0.1
     """Floor of the cosine decay, as a fraction of the peak LR."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.warmup_shape in ("linear", "cosine", "exponential"),
+            "schedule.warmup_shape",
+            self.warmup_shape,
+            "use linear, cosine or exponential",
+        )
+        _check(
+            self.decay in ("cosine", "constant"),
+            "schedule.decay",
+            self.decay,
+            "use cosine or constant",
+        )
+        _check(
+            0 <= self.min_lr_ratio <= 1,
+            "schedule.min_lr_ratio",
+            self.min_lr_ratio,
+            "use a fraction in [0, 1]",
+        )
+
+
+ONSETS = ("rise", "min_loss", "plateau")
 
 
 @dataclass
@@ -107,10 +133,102 @@ class DetectorConfig:
     patience: int = 10
     """Consecutive optimizer steps the rise must last: one noisy stretch is not an instability."""
     onset_tolerance: float = 0.01
-    """The onset is the last step, before the alarm, where the smoothed loss was within this
-    fraction of its best: where it *left* its best, not where the alarm fired."""
+    """onset=rise: the onset is the last step, before the alarm, where the smoothed loss was within
+    this fraction of its best: where it *left* its best, not where the alarm fired. onset=plateau:
+    the first step within this fraction of the best: where it *reached* it."""
     ignore_first: int = 20
     """Steps ignored at the start, where the loss falls from ln(V) and is not yet informative."""
+    onset: str = "rise"
+    """Which step of a detected instability is x (the alarm is the same rise rule for both):
+    rise: the seed's literal reading, the last step still within onset_tolerance of the best before
+    the smoothed loss rose threshold above it; min_loss: the step of the lowest smoothed loss, where
+    a higher LR stopped buying a lower loss (the LR range test's reading, Smith 2017); plateau: the
+    first step within onset_tolerance of that lowest loss, where a higher LR stopped buying a
+    material improvement (see batchsize_study/spike.py)."""
+    lag_correction: bool = False
+    """Move the onset back by the EMA's mean lag, smoothing / (1 - smoothing) steps (9 at 0.9):
+    the smoothed loss follows a linear trend that many steps late. At a sharp turn its minimum
+    trails by less, at a kink into a plateau by more: measure before relying on it."""
+
+    def __post_init__(self) -> None:
+        _check(
+            0 <= self.smoothing < 1,
+            "detector.smoothing",
+            self.smoothing,
+            "use an EMA factor in [0, 1)",
+        )
+        _check(
+            self.threshold > 0,
+            "detector.threshold",
+            self.threshold,
+            "use a positive relative rise, e.g. 0.05",
+        )
+        _check(
+            self.patience >= 1, "detector.patience", self.patience, "use a positive number of steps"
+        )
+        _check(
+            self.onset_tolerance >= 0,
+            "detector.onset_tolerance",
+            self.onset_tolerance,
+            "use 0 or a small positive fraction, e.g. 0.01",
+        )
+        _check(
+            self.ignore_first >= 0,
+            "detector.ignore_first",
+            self.ignore_first,
+            "use 0 or more steps",
+        )
+        _check(
+            self.onset in ONSETS, "detector.onset", self.onset, f"use one of {', '.join(ONSETS)}"
+        )
+
+
+@dataclass
+class SweepConfig:
+    """``experiment=lr_sweep``: the real training schedule and budget at a log grid of peak LRs."""
+
+    multiples: list[float] = field(
+        default_factory=lambda: [1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0]
+    )
+    """Peak LRs as multiples of the study's x (its superconvergence record)."""
+    lrs: list[float] | None = None
+    """Absolute peak LRs; when given, used instead of multiples (no x needed)."""
+    snap: bool = True
+    """Round each LR to the nearest power of 2, so sweeps anchored at different x (seeds, detector
+    settings, batch sizes) share their runs; the record keeps the multiple asked for and lr / x."""
+    seeds: list[int] | None = None
+    """Seeds per LR; null means the top-level seed only. Several seeds give the noise estimate."""
+    sigmas: float = 2.0
+    """An LR is within noise of the best when its final loss is above the best by at most this many
+    combined standard errors (how they are estimated: batchsize_study/lr_sensitivity.py)."""
+    final_window: int = 20
+    """Steps at the end of each run whose training losses give a one-seed noise estimate."""
+
+    def __post_init__(self) -> None:
+        _check(
+            len(self.multiples) >= 1 and all(m > 0 for m in self.multiples),
+            "sweep.multiples",
+            self.multiples,
+            "use positive multiples of x, e.g. [0.125,0.25,0.5,1]",
+        )
+        if self.lrs is not None:
+            _check(
+                len(self.lrs) >= 1 and all(v > 0 for v in self.lrs),
+                "sweep.lrs",
+                self.lrs,
+                "use positive learning rates, e.g. [0.001,0.002,0.004], or null for multiples",
+            )
+        if self.seeds is not None:
+            _check(
+                len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
+                "sweep.seeds",
+                self.seeds,
+                "use distinct seeds, e.g. [0,1,2], or null for the top-level seed",
+            )
+        _check(self.sigmas > 0, "sweep.sigmas", self.sigmas, "use a positive number, e.g. 2")
+        _check(
+            self.final_window >= 2, "sweep.final_window", self.final_window, "use at least 2 steps"
+        )
 
 
 @dataclass
@@ -572,6 +690,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """lr_sweep settings: the grid of peak LRs, seeds, the noise tolerance."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: dict[str, Any] = field(default_factory=dict)
@@ -682,30 +802,6 @@ def validate(cfg: DictConfig | Config) -> Config:
         c.upstream_wait_seconds,
         "use 0 (fail at once) or a number of seconds",
     )
-    s = c.schedule
-    _check(
-        s.warmup_shape in ("linear", "cosine", "exponential"),
-        "schedule.warmup_shape",
-        s.warmup_shape,
-        "use linear, cosine or exponential",
-    )
-    _check(s.decay in ("cosine", "constant"), "schedule.decay", s.decay, "use cosine or constant")
-    _check(
-        0 <= s.min_lr_ratio <= 1,
-        "schedule.min_lr_ratio",
-        s.min_lr_ratio,
-        "use a fraction in [0, 1]",
-    )
-    d = c.detector
-    _check(0 <= d.smoothing < 1, "detector.smoothing", d.smoothing, "use an EMA factor in [0, 1)")
-    _check(
-        d.threshold > 0,
-        "detector.threshold",
-        d.threshold,
-        "use a positive relative rise, e.g. 0.05",
-    )
-    _check(d.patience >= 1, "detector.patience", d.patience, "use a positive number of steps")
-    _check(d.ignore_first >= 0, "detector.ignore_first", d.ignore_first, "use 0 or more steps")
     # data.* is checked by DataConfig.__post_init__ (and TokenizerConfig's) when it is built.
     for key, fix in DERIVED_TRAINER_KEYS.items():
         _check(key not in c.trainer, f"trainer.{key}", c.trainer.get(key), fix)

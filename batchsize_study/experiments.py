@@ -3,6 +3,7 @@ This is where a DictConfig stops; every stage below takes the typed :class:`Conf
 
     superconvergence, small_batch, large_batch -> training.train
     stability_probe                            -> probe.run_probe (several training runs)
+    lr_sweep                                   -> sweep.run_sweep (one training run per LR)
     evaluate                                   -> evaluate.run_evaluate (saved models, test split)
     compare                                    -> report.run_compare (reads records only)
 """
@@ -18,6 +19,7 @@ from batchsize_study.evaluate import run_evaluate
 from batchsize_study.probe import run_probe
 from batchsize_study.report import run_compare
 from batchsize_study.runtime import study_dir
+from batchsize_study.sweep import run_sweep
 from batchsize_study.training import train
 
 
@@ -30,4 +32,6 @@ def run(cfg: DictConfig | Config) -> dict[str, Any]:
         return run_probe(c)
     if c.task == "evaluate":
         return run_evaluate(c)
+    if c.task == "lr_sweep":
+        return run_sweep(c)
     return train(c)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +119,17 @@ def build_record(o: RunOutcome) -> dict[str, Any]:
         rec["noise"] = o.noise
     if c.task == "stability_probe":
         rec["probe_multiple"] = extra.get("probe_multiple")
+    if c.task == "lr_sweep":
+        rec["sweep_multiple"] = extra.get("sweep_multiple")
     if c.task == "superconvergence" and v.destabilised:
         rec.update(
             unstable_lr=v.onset_lr,
             spike_step=v.onset_step,
             alarm_step=v.alarm_step,
             detector_reason=v.reason,
+            onset_definition=v.definition,
+            warmup_shape=c.schedule.warmup_shape,
+            detector=asdict(c.detector),  # lets the report replay metrics.csv under other rules
         )
     if c.task == "large_batch" and extra.get("unstable_lr"):
         rec["z_over_x"] = o.lr.peak_lr / extra["unstable_lr"]
@@ -136,7 +141,7 @@ def build_record(o: RunOutcome) -> dict[str, Any]:
                 extra["unstable_lr"],
                 rec["z_over_x"],
             )
-    if c.task in ("small_batch", "large_batch", "stability_probe") and v.destabilised:
+    if c.task in ("small_batch", "large_batch", "stability_probe", "lr_sweep") and v.destabilised:
         rec["instability_warning"] = {
             "onset_step": v.onset_step,
             "onset_lr": v.onset_lr,

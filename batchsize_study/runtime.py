@@ -25,6 +25,7 @@ _NOT_HASHED = (
     "checkpoint_every_steps",
     "compare",
     "evaluate",
+    "sweep",  # an lr_sweep run is its LR and seed: a changed grid reuses the runs it shares
 )
 _NOT_HASHED_DATA = ("cache_dir", "num_workers")
 _NOT_HASHED_TRAINER = ("enable_progress_bar", "enable_model_summary")

@@ -249,6 +249,8 @@ def derive_lr(c: Config, sdir: str, key: str) -> LRChoice:
         return LRChoice(float(c.lr), "given: the too-high warmup target (lr)", extra)  # type: ignore[arg-type]
     if c.task == "stability_probe":  # batchsize_study.probe sets lr = multiple * x
         return LRChoice(float(c.lr), "given: stability probe, lr = multiple * x", extra)  # type: ignore[arg-type]
+    if c.task == "lr_sweep":  # batchsize_study.sweep sets lr per grid point
+        return LRChoice(float(c.lr), "given: lr sweep grid point", extra)  # type: ignore[arg-type]
     if c.task == "small_batch":
         if c.lr is not None:
             return LRChoice(c.lr, "given: lr on the command line/config", extra)

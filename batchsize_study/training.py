@@ -457,7 +457,7 @@ def _needs_final_validation(
     only, so every DDP rank reaches the same answer."""
     periodic = c.val_every_steps < c.max_steps
     return (
-        keep_model
+        (keep_model or c.task == "lr_sweep")  # a sweep point's answer is its final val loss
         and c.val_at_end
         and periodic
         and c.max_steps % c.val_every_steps != 0
@@ -469,7 +469,7 @@ def _needs_final_validation(
 
 def _status(c: Config, trainer: pl.Trainer, detector: DestabilisationCallback) -> tuple[str, str]:
     v = detector.verdict
-    if detector.failure and c.task == "stability_probe":  # a probe that blows up has an answer
+    if detector.failure and c.task in ("stability_probe", "lr_sweep"):  # an answer, not a fault
         return "diverged", detector.failure
     if detector.failure:
         return "failed", detector.failure

@@ -44,3 +44,20 @@ def test_whole_run_warmup_ends_at_peak_and_constant_holds():
     assert lr_multiplier(99, **kw) == pytest.approx(1.0)
     assert lr_multiplier(49, **kw) == pytest.approx(0.5)
     assert not math.isnan(lr_multiplier(100, **kw))
+
+
+def test_schedule_settings_validate_where_defined():
+    from batchsize_study.config import ScheduleConfig
+
+    with pytest.raises(ConfigError, match="schedule.warmup_shape='exp'"):
+        ScheduleConfig(warmup_shape="exp")
+    with pytest.raises(ConfigError, match="schedule.min_lr_ratio"):
+        ScheduleConfig(min_lr_ratio=1.5)
+
+
+def test_exponential_warmup_spends_equal_steps_per_decade():
+    # The superconvergence ramp (Smith 2017's LR range test): 1e-3 -> 1 over 300 steps.
+    kw = dict(warmup_steps=300, max_steps=300, warmup_shape="exponential", decay="constant")
+    assert lr_multiplier(99, **kw) == pytest.approx(1e-2)
+    assert lr_multiplier(199, **kw) == pytest.approx(1e-1)
+    assert lr_multiplier(299, **kw) == pytest.approx(1.0)

@@ -84,3 +84,109 @@ def test_verdict_is_sticky():
     det = InstabilityDetector()
     feed(det, [float("nan")])
     assert det.update(5, 0.1, 1.0).destabilised
+
+
+# ---------------------------------------------------------------- onset definitions
+
+
+def v_shape(turn=200, n=400, fall=0.004, climb=0.001, noise=0.0, seed=0):
+    """Falls linearly to step ``turn``, then climbs slowly: where a higher LR stops helping."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(1, n + 1):
+        base = 6.0 - fall * min(i, turn) + climb * max(0, i - turn) * 6.0
+        out.append(base + rng.gauss(0, noise))
+    return out
+
+
+def test_min_loss_onset_is_where_the_loss_stopped_improving_not_where_it_rose():
+    # Falls to step 150, drifts up 0.6 % over 100 steps (inside the 1 % tolerance), then jumps.
+    lo = 6.0 - 0.01 * 150
+    series = [6.0 - 0.01 * i for i in range(1, 151)]
+    series += [lo * (1 + 0.006 * j / 100) for j in range(1, 101)]
+    series += [lo * 1.2] * 40
+    rise = feed(InstabilityDetector(onset="rise"), series)
+    minimum = feed(InstabilityDetector(onset="min_loss"), series)
+    assert rise is not None and minimum is not None
+    assert rise.alarm_step == minimum.alarm_step  # the alarm rule is the same
+    assert 245 <= rise.onset_step <= 255, rise
+    # The smoothed loss keeps closing on the plateau for a few EMA time constants after the raw
+    # loss stopped falling, so its minimum trails the kink at 150 by ~30 steps; still far before
+    # the rise the seed's reading waits for.
+    assert 150 <= minimum.onset_step <= 190, minimum
+    assert minimum.definition == "min_loss" and rise.definition == "rise"
+    assert "onset by min_loss" in minimum.reason
+
+
+def test_slow_rise_min_loss_and_its_lag_correction():
+    series = v_shape(turn=200)
+    plain = feed(InstabilityDetector(onset="min_loss"), series)
+    lagged = feed(InstabilityDetector(onset="min_loss", lag_correction=True), series)
+    seed_literal = feed(InstabilityDetector(), series)
+    assert plain is not None and lagged is not None and seed_literal is not None
+    assert 200 < plain.onset_step <= 206  # at a sharp turn the smoothed minimum trails a little
+    assert lagged.onset_step == plain.onset_step - 9  # 0.9 / (1 - 0.9) steps back
+    assert lagged.onset_lr == pytest.approx(lagged.onset_step * 1e-4)  # the lagged step's lr
+    assert lagged.definition == "min_loss+lag"
+    assert seed_literal.onset_step > plain.onset_step  # the 1 % rule waits for the climb
+
+
+def test_min_loss_nan_reports_the_best_step_and_noise_does_not_fire():
+    series = v_shape(turn=10_000, n=300) + [float("nan")]  # still falling when it blows up
+    v = feed(InstabilityDetector(onset="min_loss"), series)
+    assert v is not None and v.alarm_step == 301 and "non-finite" in v.reason
+    assert 295 <= v.onset_step <= 300
+    falling_then_nan = v_shape(turn=100, n=150) + [float("nan")]
+    v = feed(InstabilityDetector(onset="min_loss"), falling_then_nan)
+    assert v is not None and 100 <= v.onset_step <= 112  # the minimum, not the NaN step
+    for seed in range(3):
+        assert feed(InstabilityDetector(onset="min_loss"), decay(600, seed=seed)) is None
+
+
+def test_replay_matches_feeding_and_reports_the_smoothed_curve():
+    from batchsize_study.config import DetectorConfig
+    from batchsize_study.spike import replay
+
+    series = v_shape(turn=200, noise=0.02)
+    rows = [(i + 1, (i + 1) * 1e-4, loss) for i, loss in enumerate(series)]
+    cfg = DetectorConfig(onset="min_loss", lag_correction=True)
+    v, smoothed = replay(rows, cfg)
+    assert v == feed(InstabilityDetector.from_config(cfg), series)
+    assert len(smoothed) == v.alarm_step and smoothed[0] == pytest.approx(series[0])
+
+
+def test_detector_settings_validate_where_defined():
+    from batchsize_study.config import DetectorConfig
+    from batchsize_study.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="detector.onset='dip'"):
+        DetectorConfig(onset="dip")
+    with pytest.raises(ConfigError, match="detector.smoothing"):
+        DetectorConfig(smoothing=1.0)
+
+
+def test_plateau_onset_is_where_the_loss_reached_its_plateau():
+    # Falls to step 150, drifts up 0.6 % over 100 steps, then jumps: the seed's rule reads the end
+    # of the plateau (~250), min_loss its lowest smoothed point, plateau its start (~150).
+    lo = 6.0 - 0.01 * 150
+    series = [6.0 - 0.01 * i for i in range(1, 151)]
+    series += [lo * (1 + 0.006 * j / 100) for j in range(1, 101)]
+    series += [lo * 1.2] * 40
+    plateau = feed(InstabilityDetector(onset="plateau"), series)
+    lagged = feed(InstabilityDetector(onset="plateau", lag_correction=True), series)
+    minimum = feed(InstabilityDetector(onset="min_loss"), series)
+    assert plateau is not None and lagged is not None and minimum is not None
+    assert plateau.alarm_step == minimum.alarm_step
+    assert 145 <= plateau.onset_step <= 160 < minimum.onset_step, (plateau, minimum)
+    assert 140 <= lagged.onset_step <= 152 and lagged.definition == "plateau+lag"
+    # A new best later in the run moves the plateau's start to the new band.
+    again = series[:250] + [lo * (1 - 0.04 * j / 20) for j in range(1, 21)] + [lo * 1.3] * 40
+    later = feed(InstabilityDetector(onset="plateau"), again)
+    assert later is not None and later.onset_step > 250, later
+
+
+def test_plateau_onset_on_nan_and_noise():
+    v = feed(InstabilityDetector(onset="plateau"), v_shape(turn=100, n=150) + [float("nan")])
+    assert v is not None and v.alarm_step == 151 and v.onset_step <= 110
+    for seed in range(3):
+        assert feed(InstabilityDetector(onset="plateau"), decay(600, seed=seed)) is None

@@ -16,7 +16,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from batchsize_study import ladder
+from batchsize_study import ladder, sweep_report
 from batchsize_study.config import CompareConfig
 from batchsize_study.evaluate import evaluate_section
 from batchsize_study.metrics import read_metrics
@@ -484,10 +484,17 @@ def section_evaluation(study: Study, ctx: ReportContext) -> Section:
 
 SECTIONS: tuple[SectionFn, ...] = (
     section_verdict,
+    external("tuned", "Each batch at its own best LR", sweep_report.tuned_section),
     section_runs,
     section_evaluation,
     section_curves,
     section_schedules,
+    external("lr_sensitivity", "Final loss against peak LR", sweep_report.sensitivity_section),
+    external(
+        "onsets",
+        "Where x is read: the superconvergence curve",
+        sweep_report.superconvergence_section,
+    ),
     section_diagnostics,
     section_ladder,
     section_probe,
