@@ -93,9 +93,21 @@ class NoiseConfig:
     """EMA factor of the estimator's numerator and denominator, kept apart (a ratio of EMAs: the
     paper's appendix A.1 warns that the ratio of two noisy unbiased estimates is biased)."""
     split: int = 2
-    """With one micro-batch per step on one device there is only one batch size; then the micro
-    batch is run as this many smaller micro-batches (the same sequences, the same gradient up to
-    rounding). 1 turns the split off, and such runs then record no noise scale."""
+    """With one micro-batch per step on one device there is only one batch size; then the
+    backward of a measured step runs in this many pieces inside the training step (the same
+    sequences, the same gradient up to rounding). 1 turns the split off, and such runs then record
+    no noise scale."""
+    split_every: int = 4
+    """With the split: only every this many optimizer steps are split and measured (the estimate
+    stays unbiased, see noise.py; the others run at full speed). 1 splits every step."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.split_every >= 1,
+            "noise.split_every",
+            self.split_every,
+            "use 1 (every step) or a small number of steps such as 4",
+        )
 
 
 @dataclass
