@@ -175,8 +175,22 @@ class LoggerConfig:
     wandb_entity: str | None = None
     wandb_init_timeout: float = 30.0
     """Seconds to wait for an online wandb before falling back to offline."""
-    log_every_steps: int = 1
-    """Per-step metrics reach the host in batches of this many steps (one sync per batch)."""
+    log_every_steps: int | None = None
+    """Per-step metrics reach the host in batches of this many steps (one device sync per batch).
+    null (auto) picks per device (runtime.resolve_log_every_steps): 1 on CPU, where a sync costs
+    nothing (the host does the compute); 20 on a GPU, where each sync makes the device idle while
+    the host prepares the next step, so one sync per 20 steps bounds that idle time to 1/20 of the
+    host's per-step overhead (nanoGPT syncs every 10 iterations for the same reason; Lightning's
+    own logging defaults to every 50 steps). Every step still gets its row; the detector and the
+    progress bar see them at most this many steps late."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.log_every_steps is None or self.log_every_steps >= 1,
+            "logger.log_every_steps",
+            self.log_every_steps,
+            "use a positive number, or null to pick per device",
+        )
 
 
 @dataclass
@@ -294,9 +308,14 @@ class Config:
     force: bool = False
     """Re-run a finished run instead of reporting its existing record."""
     precision: str = "auto"
-    """auto picks bf16-mixed where the CPU/GPU supports it, else fp32 (or 16-mixed on old GPUs)."""
+    """auto picks per device (runtime.resolve_precision): bf16-mixed on GPUs with bf16 (Ampere
+    and later) and on CPUs with native bf16 matmuls (AVX512-BF16/AMX: 1.31x fp32 for the default
+    model, benchmarks/README.md), 16-mixed on older GPUs, else fp32 (32-true)."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the model. Off on every device by default: on CPU it loses (a 120-214 s first
+    build against default runs that train for under a minute, benchmarks/README.md); on a GPU turn
+    it on for long runs (a one-off build of about a minute for the 124M preset; benchmarks/gpu.sh
+    measures eager against compiled)."""
     peak_flops: float | None = None
     """Override the per-device peak FLOP/s used for MFU."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -507,11 +526,5 @@ def validate(cfg: DictConfig | Config) -> Config:
         "logger.wandb_mode",
         lg.wandb_mode,
         "use offline, online or disabled",
-    )
-    _check(
-        lg.log_every_steps >= 1,
-        "logger.log_every_steps",
-        lg.log_every_steps,
-        "use a positive number",
     )
     return c

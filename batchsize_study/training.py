@@ -40,6 +40,7 @@ from batchsize_study.runtime import (
     check_writable,
     compat_key,
     config_hash,
+    resolve_log_every_steps,
     resolve_precision,
     resolve_world_size,
     study_dir,
@@ -138,7 +139,7 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
     recorder = StepRecorder(
         str(run_dir / METRICS),
         plan.tokens_per_step,
-        c.logger.log_every_steps,
+        resolve_log_every_steps(c.logger.log_every_steps, c.trainer.get("accelerator")),
         fpt,
         peak,
         consumers=[cb for cb in (noise_cb, detector) if cb is not None],

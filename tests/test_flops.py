@@ -170,3 +170,20 @@ def test_loggers_get_every_step_in_order_with_mfu(tmp_path):
     assert steps == list(range(1, 8))
     assert all("throughput/mfu" in m and m["throughput/mfu"] > 0 for _, m in capture.calls)
     assert capture.threads == {"metrics-logger"}
+
+
+def test_log_every_steps_is_picked_per_device(monkeypatch):
+    """null: one host sync per step on CPU, one per GPU_LOG_EVERY_STEPS on a GPU (config.py
+    LoggerConfig says why); a number is kept; a bad one is one ConfigError line."""
+    from batchsize_study.config import LoggerConfig
+    from batchsize_study.errors import ConfigError
+    from batchsize_study.runtime import GPU_LOG_EVERY_STEPS, resolve_log_every_steps
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_log_every_steps(None, "auto") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_log_every_steps(None, "auto") == GPU_LOG_EVERY_STEPS > 1
+    assert resolve_log_every_steps(None, "cpu") == 1  # a GPU machine told to train on CPU
+    assert resolve_log_every_steps(7, "gpu") == 7
+    with pytest.raises(ConfigError, match="logger.log_every_steps"):
+        LoggerConfig(log_every_steps=0)
