@@ -14,8 +14,8 @@ from batchsize_study.experiments import run
 from batchsize_study.flops import (
     analytic_flops_per_token,
     flops_per_token,
-    measured_cpu_peak,
     gpu_peak,
+    measured_cpu_peak,
     measured_flops_per_token,
 )
 from batchsize_study.model import build_model
