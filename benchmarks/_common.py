@@ -13,7 +13,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +75,11 @@ def autocast_for(precision: str, device: torch.device):  # noqa: ANN201 - a cont
 
 
 def bare_stepper(
-    c: Config, device: str | None = None, ckpt_dir: str | None = None, validate: bool = False
+    c: Config,
+    device: str | None = None,
+    ckpt_dir: str | None = None,
+    validate: bool = False,
+    sync_steps: Collection[int] | None = None,
 ) -> Iterator[int]:
     """The bare loop as a generator: yields the tokens of each optimizer step once it is done
     (after a device sync), for ``c.max_steps`` steps. Setup runs on the first ``next``.
@@ -84,6 +88,8 @@ def bare_stepper(
     ``val_every_steps`` (as the package does); with ``ckpt_dir``, model, optimizer and schedule
     are saved every ``checkpoint_every_steps`` (one ``torch.save``, as nanoGPT does). Both fall
     inside the step they follow, so a timed interval holds them as the package's does.
+    ``sync_steps``: the steps after which the device is synchronised before yielding (None: every
+    step); a timer that reads the clock only at those steps lets the host run ahead elsewhere.
     """
     from batchsize_study.batch import plan_batch
     from batchsize_study.data import SeededWindowSampler, TokenWindows, prepare_corpus
@@ -149,7 +155,8 @@ def bare_stepper(
         if ckpt_dir and step % c.checkpoint_every_steps == 0:
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
             torch.save({**state, "sched": sched.state_dict()}, Path(ckpt_dir) / "last.pt")
-        _sync(dev)
+        if sync_steps is None or step in sync_steps:
+            _sync(dev)
         yield plan.tokens_per_step
 
 

@@ -65,7 +65,10 @@ def worker(side: str, overrides: list[str], warmup: int) -> dict:
         if side == "bare":
             from _common import bare_stepper
 
-            for step, _ in enumerate(bare_stepper(c, ckpt_dir=tmp, validate=True), start=1):
+            # The device is synchronised only where the clock is read (the package's recorder
+            # syncs once per logger.log_every_steps and always at the last step).
+            stepper = bare_stepper(c, ckpt_dir=tmp, validate=True, sync_steps={warmup, c.max_steps})
+            for step, _ in enumerate(stepper, start=1):
                 marks[step] = time.perf_counter()
             tokens_per_step = c.batch_size * c.model.seq_len
             extra = {}
@@ -77,6 +80,8 @@ def worker(side: str, overrides: list[str], warmup: int) -> dict:
 
             def timed(self, trainer, *args, **kwargs):  # noqa: ANN001, ANN202
                 original(self, trainer, *args, **kwargs)
+                if trainer.global_step == warmup and torch.cuda.is_available():
+                    torch.cuda.synchronize()  # the clock's start must see the device done
                 marks.setdefault(trainer.global_step, time.perf_counter())
 
             StepRecorder.on_train_batch_end = timed  # type: ignore[method-assign]
