@@ -312,10 +312,11 @@ class Config:
     and later) and on CPUs with native bf16 matmuls (AVX512-BF16/AMX: 1.31x fp32 for the default
     model, benchmarks/README.md), 16-mixed on older GPUs, else fp32 (32-true)."""
     compile: bool = False
-    """torch.compile the model. Off on every device by default: on CPU it loses (a 120-214 s first
-    build against default runs that train for under a minute, benchmarks/README.md); on a GPU turn
-    it on for long runs (a one-off build of about a minute for the 124M preset; benchmarks/gpu.sh
-    measures eager against compiled)."""
+    """torch.compile the model. Off on every device by default: on CPU it loses (about 120 s of
+    extra warm-up against default runs of a few minutes, benchmarks/README.md section 5); on a GPU
+    turn it on for long runs: nanoGPT reports GPT-2 124M iterations cut from ~250 to 135 ms for a
+    build of "~a minute" (karpathy/nanoGPT README and train.py); benchmarks/gpu.sh measures it for
+    the 124M preset here (pending: no GPU so far)."""
     peak_flops: float | None = None
     """Override the per-device peak FLOP/s used for MFU."""
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -46,7 +46,8 @@ echo "corpus ready after $((SECONDS - start))s"
 timeout "$LIMIT" python benchmarks/throughput.py --rounds 2 "${STEPS[@]}" "${MODEL[@]}" \
   | tee "$OUT/throughput_eager.txt"
 echo "--- eager done after $((SECONDS - start))s"
-timeout "$LIMIT" python benchmarks/throughput.py --rounds 1 "${STEPS[@]}" "${MODEL[@]}" compile=true \
+# One round: every side compiles once (nanoGPT's train.py: "takes a ~minute" for GPT-2 124M).
+timeout $((LIMIT + 180)) python benchmarks/throughput.py --rounds 1 "${STEPS[@]}" "${MODEL[@]}" compile=true \
   | tee "$OUT/throughput_compile.txt"
 echo "--- compiled done after $((SECONDS - start))s"
 
