@@ -131,6 +131,7 @@ class CausalLMModule(pl.LightningModule):
         # The gradient noise scale (noise.py): every noise_split_every-th step's backward runs in
         # noise_split pieces, so that step holds two batch sizes.
         self.noise_split, self.noise_split_every = noise_split, noise_split_every
+        self._grads_hold_pieces = False
         self.model = build_model(self.model_cfg, vocab_size)
         self._forward = torch.compile(self.model) if compile else self.model
         self.val_loss = MeanMetric()
@@ -149,8 +150,17 @@ class CausalLMModule(pl.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         if self.noise_split > 1 and splits_step(self.trainer.global_step, self.noise_split_every):
+            self._grads_hold_pieces = True
             return backward_in_pieces(self, batch, self.noise_split, self.loss)
         return self.loss(batch)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:  # noqa: ANN001
+        # Lightning zeroes between training_step and backward: a split step's first pieces are
+        # already in .grad (backward_in_pieces zeroed before them) and must stay.
+        if self._grads_hold_pieces:
+            self._grads_hold_pieces = False
+            return
+        optimizer.zero_grad()
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss = self.loss(batch)

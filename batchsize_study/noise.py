@@ -76,12 +76,16 @@ def backward_in_pieces(
     is back-propagated through the strategy (so precision scaling and the ``on_*_backward`` hooks
     run per piece, as for Lightning's own accumulation). The returned tensor's value is the whole
     batch's mean loss (what the recorder logs); its gradient is the last piece's only, which
-    Lightning back-propagates. The summed gradient equals the unsplit one up to rounding.
+    Lightning back-propagates. The summed gradient equals the unsplit one up to rounding, provided
+    the caller skips Lightning's zero_grad for this step (which runs after the training step).
     """
     if pieces <= 1 or batch.size(0) % pieces:
         return loss_fn(batch)
     parts = batch.chunk(pieces)
     optimizer = module.trainer.optimizers[0]
+    # Lightning zeroes the gradients between the training step and its backward; the caller must
+    # skip that zeroing for this step (CausalLMModule.optimizer_zero_grad), so zero here, first.
+    optimizer.zero_grad(set_to_none=True)
     done = torch.zeros((), device=batch.device)
     for part in parts[:-1]:
         loss = loss_fn(part) / pieces

@@ -131,6 +131,7 @@ def test_loggers_get_every_step_in_order_with_mfu(tmp_path):
     from lightning.pytorch.loggers import Logger
 
     from batchsize_study.recorder import StepRecorder
+    from batchsize_study.steps import StepStats
 
     capture = _CaptureLogger()
 
@@ -147,6 +148,7 @@ def test_loggers_get_every_step_in_order_with_mfu(tmp_path):
         def __init__(self) -> None:
             super().__init__()
             self.lin = torch.nn.Linear(4, 1)
+            self.step_stats = StepStats()  # the recorder's contract (steps.py)
 
         def training_step(self, batch, batch_idx):  # noqa: ANN001
             return self.lin(batch).pow(2).mean()

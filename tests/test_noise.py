@@ -157,12 +157,20 @@ class _SplitLinear(_Linear):
         self.every = every
         self.grads: dict[int, torch.Tensor] = {}
         self.losses: list[float] = []
+        self.hold = False
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):  # noqa: ANN001, ANN201
+        if self.hold:  # as CausalLMModule: keep the pieces already back-propagated
+            self.hold = False
+            return
+        optimizer.zero_grad()
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.mse_loss(self.lin(batch[:, :3]), batch[:, 3:])
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
         if splits_step(self.trainer.global_step, self.every):
+            self.hold = True
             out = backward_in_pieces(self, batch, 2, self._loss)
         else:
             out = self._loss(batch)
