@@ -241,9 +241,13 @@ class NoiseConfig:
     """EMA factor of the estimator's numerator and denominator, kept apart (a ratio of EMAs: the
     paper's appendix A.1 warns that the ratio of two noisy unbiased estimates is biased)."""
     split: int = 2
-    """With one micro-batch per step on one device there is only one batch size; then the micro
-    batch is run as this many smaller micro-batches (the same sequences, the same gradient up to
-    rounding). 1 turns the split off, and such runs then record no noise scale."""
+    """With one micro-batch per step on one device there is only one batch size; then the
+    backward of a measured step runs in this many pieces inside the training step (the same
+    sequences, the same gradient up to rounding). 1 turns the split off, and such runs then record
+    no noise scale."""
+    split_every: int = 4
+    """With the split: only every this many optimizer steps are split and measured (the estimate
+    stays unbiased, see noise.py; the others run at full speed). 1 splits every step."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.ema < 1, "noise.ema", self.ema, "use an EMA factor in [0, 1), e.g. 0.95")
@@ -252,6 +256,12 @@ class NoiseConfig:
             "noise.split",
             self.split,
             "use 1 (no split) or a small divisor such as 2",
+        )
+        _check(
+            self.split_every >= 1,
+            "noise.split_every",
+            self.split_every,
+            "use 1 (every step) or a small number of steps such as 4",
         )
 
 
@@ -474,8 +484,14 @@ class LoggerConfig:
     wandb_entity: str | None = None
     wandb_init_timeout: float = 30.0
     """Seconds to wait for an online wandb before falling back to offline."""
-    log_every_steps: int = 1
-    """Per-step metrics reach the host in batches of this many steps (one sync per batch)."""
+    log_every_steps: int | None = None
+    """Per-step metrics reach the host in batches of this many steps (one device sync per batch).
+    null (auto) picks per device (runtime.resolve_log_every_steps): 1 on CPU, where a sync costs
+    nothing (the host does the compute); 20 on a GPU, where each sync makes the device idle while
+    the host prepares the next step, so one sync per 20 steps bounds that idle time to 1/20 of the
+    host's per-step overhead (nanoGPT syncs every 10 iterations for the same reason; Lightning's
+    own logging defaults to every 50 steps). Every step still gets its row; the detector and the
+    progress bar see them at most this many steps late."""
 
     def __post_init__(self) -> None:
         _check(
@@ -485,10 +501,10 @@ class LoggerConfig:
             "use offline, online or disabled",
         )
         _check(
-            self.log_every_steps >= 1,
+            self.log_every_steps is None or self.log_every_steps >= 1,
             "logger.log_every_steps",
             self.log_every_steps,
-            "use a positive number",
+            "use a positive number, or null to pick per device",
         )
 
 
@@ -682,9 +698,15 @@ class Config:
     force: bool = False
     """Re-run a finished run instead of reporting its existing record."""
     precision: str = "auto"
-    """auto picks bf16-mixed where the CPU/GPU supports it, else fp32 (or 16-mixed on old GPUs)."""
+    """auto picks per device (runtime.resolve_precision): bf16-mixed on GPUs with bf16 (Ampere
+    and later) and on CPUs with native bf16 matmuls (AVX512-BF16/AMX: 1.31x fp32 for the default
+    model, benchmarks/README.md), 16-mixed on older GPUs, else fp32 (32-true)."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the model. Off on every device by default: on CPU it loses (about 120 s of
+    extra warm-up against default runs of a few minutes, benchmarks/README.md section 5); on a GPU
+    turn it on for long runs: nanoGPT reports GPT-2 124M iterations cut from ~250 to 135 ms for a
+    build of "~a minute" (karpathy/nanoGPT README and train.py); benchmarks/gpu.sh measures it for
+    the 124M preset here (pending: no GPU so far)."""
     peak_flops: float | None = None
     """Override the per-device peak FLOP/s used for MFU."""
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,17 +1,24 @@
 """FLOPs per token and per-device peak FLOP/s, for model FLOPs utilisation (MFU).
 
 MFU as defined by Chowdhery et al. 2022 (PaLM, Appendix B): achieved model FLOP/s over the
-device's peak. Model FLOPs per token are *measured*: one forward and backward pass of a
-meta-device copy of the model under ``torch.utils.flop_counter.FlopCounterMode`` (as litgpt
-does), so any architecture Hugging Face builds is counted without a formula per family. The
-analytic PaLM count, 6 N + 12 L H Q T, stays as a cross-check (tests/test_flops.py).
+device's peak. Both halves come from Lightning where Lightning has them:
+
+- FLOPs per token: ``lightning.fabric.utilities.throughput.measure_flops`` (``FlopCounterMode``)
+  over one forward and backward pass of a meta-device copy of the model (no memory, no compute),
+  so any architecture Hugging Face builds is counted without a formula per family. The analytic
+  PaLM count 6 N + 12 L H Q T stays only as the fall-back and the tests' cross-check.
+- GPU peaks: ``lightning.fabric.utilities.throughput.get_available_flops`` (its per-GPU table).
+
+What Lightning lacks, kept here: a CPU peak (no data sheet: measured), and two corrections for the
+H200, which Lightning 2.6 lists at the *sparse* figure (2.0e15 for bf16; NVIDIA's dense figure is
+989 TFLOP/s, like the H100 SXM's) and does not find at all under the name the driver reports
+("NVIDIA H200", without "SXM1"/"NVL1").
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 
 import torch
@@ -19,32 +26,10 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# Dense peak FLOP/s per device (no structured sparsity), from the vendors' data sheets.
-# First match wins, so the more specific names come first (H100 PCIe before H100).
-PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    ("GH200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
-    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM
-    ("H800", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    ("B200", {"bf16": 2250e12, "fp16": 2250e12, "fp32": 80e12}),
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
-    ("A800", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
-    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
-    ("L40", {"bf16": 181e12, "fp16": 181e12, "fp32": 90.5e12}),
-    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
-    ("A6000", {"bf16": 155e12, "fp16": 155e12, "fp32": 38.7e12}),
-    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12}),
-    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
-    ("5090", {"bf16": 209.5e12, "fp16": 209.5e12, "fp32": 104.8e12}),
-    ("4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
-    ("4080", {"bf16": 97.5e12, "fp16": 97.5e12, "fp32": 48.7e12}),
-    ("3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
-    ("3080", {"bf16": 59.5e12, "fp16": 59.5e12, "fp32": 29.8e12}),
-    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
-    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
-]
+# Dense bf16/fp16 peaks per NVIDIA's H200 data sheet (the sparsity figures halved): Lightning's
+# rows for the H200 hold the sparse ones, and its name matching misses "NVIDIA H200".
+_H200_DENSE: dict[str, float] = {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}
+_H200_NVL_DENSE: dict[str, float] = {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}
 
 
 def _dtype_key(precision: str) -> str:
@@ -53,6 +38,9 @@ def _dtype_key(precision: str) -> str:
     if "16" in str(precision):
         return "fp16"
     return "fp32"
+
+
+_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def analytic_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
@@ -69,14 +57,14 @@ def analytic_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 
 def measured_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """Forward + backward FLOPs of one sequence of ``seq_len`` tokens, counted by
-    ``FlopCounterMode`` on a meta-device copy (no memory, no compute), divided by ``seq_len``.
+    """Forward + backward FLOPs of one sequence of ``seq_len`` tokens, counted by Lightning's
+    ``measure_flops`` on a meta-device copy built from the model's Hugging Face config (so a
+    compiled or wrapped model is counted as the plain architecture), divided by ``seq_len``.
 
-    The copy is built from the model's Hugging Face config, so a compiled or wrapped model is
-    counted as the plain architecture. Attention is counted as the full T x T product, as in
-    PaLM's convention (a causal kernel skips about half of it).
+    Attention is counted as the full T x T product, PaLM's convention (a causal kernel skips about
+    half of it).
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from lightning.fabric.utilities.throughput import measure_flops
     from transformers import AutoModelForCausalLM
 
     hf_cfg = model.config
@@ -85,12 +73,12 @@ def measured_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
         meta = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn)
     meta.train()
     ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
-    counter = FlopCounterMode(display=False)
-    with counter:
-        logits = meta(input_ids=ids).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ids.reshape(-1))
-        loss.backward()
-    return float(counter.get_total_flops()) / seq_len
+
+    def loss(out) -> torch.Tensor:  # noqa: ANN001 - a CausalLMOutput
+        logits = out.logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ids.reshape(-1))
+
+    return float(measure_flops(meta, lambda: meta(input_ids=ids), loss)) / seq_len
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
@@ -124,25 +112,29 @@ def measured_cpu_peak(dtype: str = "fp32", size: int = 1024, seconds: float = 0.
     return best
 
 
-def table_peak(device_name: str, precision: str) -> float | None:
-    """The data-sheet peak of a named GPU for this precision, or None if it is not listed."""
+def gpu_peak(device: torch.device, precision: str) -> float | None:
+    """The dense data-sheet peak of this GPU at this precision: Lightning's table, with the H200
+    corrected (see the module docstring); None where neither knows the device."""
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    name = torch.cuda.get_device_name(device).lower()
     key = _dtype_key(precision)
-    for tag, row in PEAK_FLOPS:
-        if re.search(rf"(^|[\s\-_]){re.escape(tag)}($|[\s\-_])", device_name) and row.get(key):
-            return row[key]
-    return None
+    if "h200" in name:
+        return (_H200_NVL_DENSE if "nvl" in name else _H200_DENSE).get(key)
+    peak = get_available_flops(device, _TORCH_DTYPE[key])
+    return float(peak) if peak else None
 
 
 def peak_flops_per_device(precision: str) -> float | None:
     """The device's dense peak for this precision: the table for GPUs, a measurement on CPU.
-    An unlisted GPU gets None (no MFU) and a warning naming the override."""
+    An unknown GPU gets None (no MFU) and a warning naming the override."""
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        peak = table_peak(name, precision)
+        device = torch.device("cuda", torch.cuda.current_device())
+        peak = gpu_peak(device, precision)
         if peak is None:
             log.warning(
-                "no peak FLOP/s listed for %r at %s: MFU is not logged; set peak_flops=<FLOP/s>",
-                name,
+                "no peak FLOP/s known for %r at %s: MFU is not logged; set peak_flops=<FLOP/s>",
+                torch.cuda.get_device_name(device),
                 precision,
             )
         return peak

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
 
 from batchsize_study.config import ModelConfig, OptimConfig, ScheduleConfig
+from batchsize_study.noise import backward_in_pieces, splits_step
 from batchsize_study.schedule import build_scheduler
 from batchsize_study.steps import StepStats
 
@@ -95,6 +96,8 @@ class CausalLMModule(pl.LightningModule):
         max_steps: int,
         warmup_steps: int,
         compile: bool = False,
+        noise_split: int = 1,
+        noise_split_every: int = 1,
     ) -> None:
         super().__init__()
         # Checkpoints store plain dicts; accept both so load_from_checkpoint rebuilds the module.
@@ -119,10 +122,16 @@ class CausalLMModule(pl.LightningModule):
                 "max_steps": max_steps,
                 "warmup_steps": warmup_steps,
                 "compile": compile,
+                "noise_split": noise_split,
+                "noise_split_every": noise_split_every,
             }
         )
         self.vocab_size, self.peak_lr = vocab_size, peak_lr
         self.max_steps, self.warmup_steps = max_steps, warmup_steps
+        # The gradient noise scale (noise.py): every noise_split_every-th step's backward runs in
+        # noise_split pieces, so that step holds two batch sizes.
+        self.noise_split, self.noise_split_every = noise_split, noise_split_every
+        self._grads_hold_pieces = False
         self.model = build_model(self.model_cfg, vocab_size)
         self._forward = torch.compile(self.model) if compile else self.model
         # Per-window losses' mean and mean square (synced across ranks by torchmetrics): the
@@ -153,7 +162,18 @@ class CausalLMModule(pl.LightningModule):
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.noise_split > 1 and splits_step(self.trainer.global_step, self.noise_split_every):
+            self._grads_hold_pieces = True
+            return backward_in_pieces(self, batch, self.noise_split, self.loss)
         return self.loss(batch)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:  # noqa: ANN001
+        # Lightning zeroes between training_step and backward: a split step's first pieces are
+        # already in .grad (backward_in_pieces zeroed before them) and must stay.
+        if self._grads_hold_pieces:
+            self._grads_hold_pieces = False
+            return
+        optimizer.zero_grad()
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         per_window = self.window_losses(batch)

@@ -16,14 +16,26 @@ the paper recommends; an EMA of ratios is biased by the noisy denominator). Ever
 the device; the host sees it when the StepRecorder flushes its rows (``on_step_rows``), right after
 the recorder's own transfer has drained the stream.
 
-With one micro-batch per step on one device there is only one batch size and no estimate:
-:func:`noise_micro_batch` then splits the micro batch (``noise.split``) — the same sequences in the
-same order, the same gradient up to rounding, at the cost of smaller matmuls.
+With one micro-batch per step on one device there is only one batch size and no estimate. Then
+the module runs the backward of every ``noise.split_every``-th step in ``noise.split`` pieces
+inside its training step (:func:`backward_in_pieces`): the same sequences, the same summed
+gradient up to rounding, and Lightning still sees one micro-batch (no extra loop iteration,
+data-loader fetch or callback round per piece). Only those steps are measured; the hooks idle on
+the others.
+
+Why the estimate stays unbiased when only some steps are measured: on a measured step the pieces'
+squared norms are, exactly as on every step before, unbiased estimates of E|g_B|^2 at B_small and
+B_big for that step's parameters (A.2-A.3 need nothing else). Which steps are measured is fixed by
+the step index alone, before the data are drawn, so the selection cannot correlate with the
+noise: the EMAs and the run totals average the same unbiased quantities over fewer steps. The
+price is variance (1/split_every as many samples), and the EMA's window counts measured steps:
+``split_every / (1 - ema)`` optimizer steps.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,17 +43,56 @@ import torch
 
 
 def noise_micro_batch(micro_batch_size: int, accumulation: int, world_size: int, split: int) -> int:
-    """The micro batch to train with so that a step holds two batch sizes.
+    """The size of the pieces a step's gradient is measured in, so that a step holds two batch
+    sizes.
 
     Unchanged when the step already has several micro-batches (accumulation > 1) or several
-    ranks; otherwise ``micro_batch_size // split`` when that divides exactly, else unchanged
-    (and the run records no noise scale).
+    ranks; otherwise ``micro_batch_size // split`` when that divides exactly (the module then
+    splits every ``noise.split_every``-th step, :func:`backward_in_pieces`), else unchanged (and
+    the run records no noise scale).
     """
     if accumulation > 1 or world_size > 1 or split <= 1:
         return micro_batch_size
     if micro_batch_size % split or micro_batch_size // split < 1:
         return micro_batch_size
     return micro_batch_size // split
+
+
+def splits_step(step: int, every: int) -> bool:
+    """Whether optimizer step ``step`` (``trainer.global_step`` before its update) runs split:
+    every ``every``-th step, from the first. Fixed by the index alone (see the module docstring)."""
+    return every >= 1 and step % every == 0
+
+
+def backward_in_pieces(
+    module: pl.LightningModule,
+    batch: torch.Tensor,
+    pieces: int,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The training step's loss with the backward of all but the last piece already done.
+
+    The batch is cut into ``pieces`` equal parts; each part's mean loss, divided by ``pieces``,
+    is back-propagated through the strategy (so precision scaling and the ``on_*_backward`` hooks
+    run per piece, as for Lightning's own accumulation). The returned tensor's value is the whole
+    batch's mean loss (what the recorder logs); its gradient is the last piece's only, which
+    Lightning back-propagates. The summed gradient equals the unsplit one up to rounding, provided
+    the caller skips Lightning's zero_grad for this step (which runs after the training step).
+    """
+    if pieces <= 1 or batch.size(0) % pieces:
+        return loss_fn(batch)
+    parts = batch.chunk(pieces)
+    optimizer = module.trainer.optimizers[0]
+    # Lightning zeroes the gradients between the training step and its backward; the caller must
+    # skip that zeroing for this step (CausalLMModule.optimizer_zero_grad), so zero here, first.
+    optimizer.zero_grad(set_to_none=True)
+    done = torch.zeros((), device=batch.device)
+    for part in parts[:-1]:
+        loss = loss_fn(part) / pieces
+        with torch.autocast(batch.device.type, enabled=False):  # backward outside autocast
+            module.trainer.strategy.backward(loss, optimizer)
+        done = done + loss.detach()
+    return loss_fn(parts[-1]) / pieces + done
 
 
 def simple_noise_scale(
@@ -65,14 +116,21 @@ def simple_noise_scale(
 class NoiseScaleCallback(pl.Callback):
     """Keeps device-side EMAs of |g_small|^2 and |g_big|^2 per optimizer step.
 
-    ``b_small``: sequences in one micro-batch on one rank; ``b_big``: the effective batch.
-    ``ema``: EMA factor (bias-corrected). Results: :attr:`summary` after training.
+    ``b_small``: sequences in one micro-batch (or piece) on one rank; ``b_big``: the effective
+    batch. ``ema``: EMA factor (bias-corrected). ``split_every``: the module splits only every
+    this many steps (:func:`splits_step`); only those are measured and the hooks idle on the
+    others. None: every step holds two batch sizes (accumulation or several ranks).
+    Results: :attr:`summary` after training.
     """
 
-    def __init__(self, b_small: int, b_big: int, ema: float = 0.95) -> None:
+    def __init__(
+        self, b_small: int, b_big: int, ema: float = 0.95, split_every: int | None = None
+    ) -> None:
         if b_big <= b_small:
             raise ValueError(f"no two batch sizes: b_small={b_small}, b_big={b_big}")
         self.b_small, self.b_big, self.ema = b_small, b_big, ema
+        self.split_every = split_every
+        self._active = True  # whether this step is measured (hooks on)
         self._handles: list[Any] = []
         self._micro_sq: torch.Tensor | None = None  # sum over this step's micro-batches
         self._n_micro = 0
@@ -108,13 +166,22 @@ class NoiseScaleCallback(pl.Callback):
                 seen.add(id(p))
                 self._handles.append(p.register_hook(self._on_grad))
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.split_every is not None:
+            self._active = splits_step(trainer.global_step, self.split_every)
+
     def _on_grad(self, grad: torch.Tensor) -> None:
         # The gradient of this micro-batch alone, before autograd adds it into .grad.
+        if not self._active:
+            return
         assert self._micro_sq is not None
         self._micro_sq.add_(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square())
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._n_micro += 1
+        if self._active:
+            self._n_micro += 1
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -137,14 +204,13 @@ class NoiseScaleCallback(pl.Callback):
         self._last_step = trainer.global_step
         big_norm = pl_module.step_stats.grad_norm  # type: ignore[attr-defined]  (steps.py)
         assert self._micro_sq is not None and self._small is not None and self._big is not None
-        n, self._n_micro = max(self._n_micro, 1), 0
+        n, self._n_micro = self._n_micro, 0
         micro_sq, self._micro_sq = self._micro_sq, torch.zeros_like(self._micro_sq)
-        if big_norm is None:
-            return
-        # Lightning divides each micro-batch loss by the accumulation count A, so a micro-batch's
-        # contribution is g_small / A.
-        acc = trainer.accumulate_grad_batches
-        small = micro_sq * (acc * acc) / n
+        if big_norm is None or n == 0 or (n == 1 and trainer.world_size == 1):
+            return  # not measured, or this step's gradient came in one piece: one batch size
+        # Each of the n pieces' loss is divided by n (Lightning's accumulation, or the module's
+        # split), so a piece's contribution is g_small / n: mean |g_small|^2 = micro_sq n^2 / n.
+        small = micro_sq * n
         big = big_norm.float().square()
         ok = torch.isfinite(small) & torch.isfinite(big)  # a skipped step leaves the EMAs alone
         beta = self.ema
@@ -213,6 +279,7 @@ class NoiseScaleCallback(pl.Callback):
         return {
             "method": "McCandlish et al. 2018 B_simple, appendix A.1 estimators, ratio of EMAs",
             "b_small": self.b_small,
+            "measured_every": self.split_every or 1,
             "b_big": self.b_big,
             "ema": self.ema,
             "final": _finite_or_none(self.latest),

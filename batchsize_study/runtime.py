@@ -75,6 +75,18 @@ def resolve_precision(setting: str, accelerator: str | None) -> str:
     return "32-true"
 
 
+GPU_LOG_EVERY_STEPS = 20
+"""logger.log_every_steps=null on a GPU: see LoggerConfig.log_every_steps."""
+
+
+def resolve_log_every_steps(setting: int | None, accelerator: str | None) -> int:
+    """null (auto): 1 on CPU (a host sync is free there), GPU_LOG_EVERY_STEPS on a GPU."""
+    if setting is not None:
+        return setting
+    use_cuda = torch.cuda.is_available() and accelerator in (None, "auto", "gpu", "cuda")
+    return GPU_LOG_EVERY_STEPS if use_cuda else 1
+
+
 def resolve_world_size(trainer_cfg: dict[str, Any]) -> int:
     """devices x num_nodes as Lightning will resolve them (checked against the Trainer later)."""
     devices = trainer_cfg.get("devices", "auto")

@@ -11,7 +11,7 @@ import logging
 import shutil
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from batchsize_study.runtime import (
     check_writable,
     compat_key,
     config_hash,
+    resolve_log_every_steps,
     resolve_precision,
     resolve_world_size,
     study_dir,
@@ -90,7 +91,7 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
         )
         return existing
 
-    c, plan = _noise_split(c, plan, world, lr.derivation)
+    split = _noise_split(c, plan, world, lr.derivation)
     optim = _optimizer_settings(c, lr.derivation)
     pl.seed_everything(c.seed, workers=True, verbose=False)
     module = CausalLMModule(
@@ -102,6 +103,8 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
         c.max_steps,
         c.warmup_steps,
         compile=c.compile,
+        noise_split=split,
+        noise_split_every=c.noise.split_every,
     )
     precision = resolve_precision(c.precision, c.trainer.get("accelerator"))
     log.info("run %s -> %s", run_id, run_dir)
@@ -126,14 +129,17 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
         InstabilityDetector.from_config(c.detector), stop_on_rise=(c.task == "superconvergence")
     )
     noise_cb = None
-    if c.noise.enabled and c.task in MEASURES_NOISE and c.batch_size > plan.micro_batch_size:
-        noise_cb = NoiseScaleCallback(plan.micro_batch_size, c.batch_size, c.noise.ema)
+    b_small = plan.micro_batch_size // split
+    if c.noise.enabled and c.task in MEASURES_NOISE and c.batch_size > b_small:
+        noise_cb = NoiseScaleCallback(
+            b_small, c.batch_size, c.noise.ema, c.noise.split_every if split > 1 else None
+        )
     # The recorder feeds its consumers in this order: the noise scale's EMAs are read before the
     # detector decides, both from the same rows.
     recorder = StepRecorder(
         str(run_dir / METRICS),
         plan.tokens_per_step,
-        c.logger.log_every_steps,
+        resolve_log_every_steps(c.logger.log_every_steps, c.trainer.get("accelerator")),
         fpt,
         peak,
         consumers=[cb for cb in (noise_cb, detector) if cb is not None],
@@ -289,22 +295,30 @@ def precheck_upstream(c: Config, sdir: str) -> None:
         )
 
 
-def _noise_split(
-    c: Config, plan: BatchPlan, world: int, derivation: dict[str, Any]
-) -> tuple[Config, BatchPlan]:
-    """With one micro-batch per step on one device, run it as ``noise.split`` smaller ones so a
-    step holds two batch sizes (same sequences; see noise.py)."""
+def _noise_split(c: Config, plan: BatchPlan, world: int, derivation: dict[str, Any]) -> int:
+    """With one micro-batch per step on one device: how many pieces the module runs a measured
+    step's backward in, so that step holds two batch sizes (see noise.py); 1 = no split."""
     if not (c.noise.enabled and c.task in MEASURES_NOISE):
-        return c, plan
-    micro = noise_micro_batch(
+        return 1
+    piece = noise_micro_batch(
         c.micro_batch_size, plan.accumulate_grad_batches, world, c.noise.split
     )
-    if micro == c.micro_batch_size:
-        return c, plan
-    log.info("noise scale: micro batch %d run as %d", c.micro_batch_size, micro)
-    derivation.update(noise_split={"micro_batch_size": c.micro_batch_size, "split": c.noise.split})
-    c = replace(c, micro_batch_size=micro)
-    return c, plan_batch(c.batch_size, micro, world, c.model.seq_len, c.max_steps)
+    if piece == c.micro_batch_size:
+        return 1
+    log.info(
+        "noise scale: every %d. step's backward runs in %d pieces of %d",
+        c.noise.split_every,
+        c.noise.split,
+        piece,
+    )
+    derivation.update(
+        noise_split={
+            "micro_batch_size": c.micro_batch_size,
+            "split": c.noise.split,
+            "every": c.noise.split_every,
+        }
+    )
+    return c.noise.split
 
 
 def _optimizer_settings(c: Config, derivation: dict[str, Any]) -> OptimConfig:

@@ -13,7 +13,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +74,23 @@ def autocast_for(precision: str, device: torch.device):  # noqa: ANN201 - a cont
     return nullcontext()
 
 
-def bare_stepper(c: Config, device: str | None = None) -> Iterator[int]:
+def bare_stepper(
+    c: Config,
+    device: str | None = None,
+    ckpt_dir: str | None = None,
+    validate: bool = False,
+    sync_steps: Collection[int] | None = None,
+) -> Iterator[int]:
     """The bare loop as a generator: yields the tokens of each optimizer step once it is done
-    (after a device sync), for ``c.max_steps`` steps. Setup runs on the first ``next``."""
+    (after a device sync), for ``c.max_steps`` steps. Setup runs on the first ``next``.
+
+    With ``validate``, the first ``data.val_max_windows`` validation windows are evaluated every
+    ``val_every_steps`` (as the package does); with ``ckpt_dir``, model, optimizer and schedule
+    are saved every ``checkpoint_every_steps`` (one ``torch.save``, as nanoGPT does). Both fall
+    inside the step they follow, so a timed interval holds them as the package's does.
+    ``sync_steps``: the steps after which the device is synchronised before yielding (None: every
+    step); a timer that reads the clock only at those steps lets the host run ahead elsewhere.
+    """
     from batchsize_study.batch import plan_batch
     from batchsize_study.data import SeededWindowSampler, TokenWindows, prepare_corpus
     from batchsize_study.model import build_model, param_groups
@@ -120,8 +134,10 @@ def bare_stepper(c: Config, device: str | None = None) -> Iterator[int]:
         pin_memory=dev.type == "cuda",
     )
     max_norm = o.grad_clip if o.grad_clip is not None else float("inf")
+    val = TokenWindows(corpus.val_path, corpus.dtype, c.model.seq_len, c.data.val_max_windows)
+    val_loader = torch.utils.data.DataLoader(val, batch_size=c.micro_batch_size)
     batches = iter(loader)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         for _ in range(accum):
             batch = next(batches).to(dev, non_blocking=True)
             with autocast_for(precision, dev):
@@ -134,8 +150,31 @@ def bare_stepper(c: Config, device: str | None = None) -> Iterator[int]:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        _sync(dev)
+        if validate and (step % c.val_every_steps == 0 or step == steps):
+            _validate(model, forward, val_loader, precision, dev)
+        if ckpt_dir and step % c.checkpoint_every_steps == 0:
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
+            torch.save({**state, "sched": sched.state_dict()}, Path(ckpt_dir) / "last.pt")
+        if sync_steps is None or step in sync_steps:
+            _sync(dev)
         yield plan.tokens_per_step
+
+
+def _validate(model, forward, loader, precision: str, dev: torch.device) -> float:  # noqa: ANN001
+    """Mean validation loss over the loader's windows (weighted by windows)."""
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            batch = batch.to(dev)
+            with autocast_for(precision, dev):
+                logits = forward(input_ids=batch[:, :-1]).logits
+                loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)
+                )
+            total, n = total + float(loss) * batch.size(0), n + batch.size(0)
+    model.train()
+    return total / max(n, 1)
 
 
 def bare_train(c: Config, warmup: int, device: str | None = None) -> Timing:
@@ -153,92 +192,9 @@ def bare_train(c: Config, warmup: int, device: str | None = None) -> Timing:
     return Timing(tokens / seconds, seconds, c.max_steps, t_start - t0, tokens / cpu)
 
 
-def lockstep_train(c: Config, warmup: int) -> tuple[Timing, Timing]:
-    """(package, bare) timings from one package run with the bare loop interleaved step by step.
-
-    After each package step (right after the StepRecorder's hook, i.e. after its host sync), one
-    bare step runs inside that hook; each side is charged only its own stretch of time. On a
-    machine shared with other work both therefore see the same load, millisecond by millisecond.
-    """
-    from batchsize_study.experiments import run
-    from batchsize_study.recorder import StepRecorder
-
-    bare = bare_stepper(c)
-    acc = {"pkg": [0.0, 0.0], "bare": [0.0, 0.0], "tokens": 0}
-    last = [time.perf_counter(), time.process_time()]
-    original = StepRecorder.on_train_batch_end
-
-    def hooked(self, trainer, *args, **kwargs):  # noqa: ANN001, ANN202
-        original(self, trainer, *args, **kwargs)
-        step = trainer.global_step
-        if step == 0 or self._acc is not None:  # mid-accumulation: not a step boundary
-            return
-        t1 = [time.perf_counter(), time.process_time()]
-        n = next(bare)
-        t2 = [time.perf_counter(), time.process_time()]
-        if step > warmup:
-            for i in (0, 1):
-                acc["pkg"][i] += t1[i] - last[i]
-                acc["bare"][i] += t2[i] - t1[i]
-            acc["tokens"] += n
-        last[:] = [time.perf_counter(), time.process_time()]
-
-    StepRecorder.on_train_batch_end = hooked  # type: ignore[method-assign]
-    try:
-        record = run(c)
-    finally:
-        StepRecorder.on_train_batch_end = original  # type: ignore[method-assign]
-        bare.close()
-    tok = acc["tokens"]
-    steps = record["steps_done"]
-    pkg = Timing(
-        tok / acc["pkg"][0], acc["pkg"][0], steps, 0.0, tok / acc["pkg"][1], {"record": record}
-    )
-    bar = Timing(tok / acc["bare"][0], acc["bare"][0], steps, 0.0, tok / acc["bare"][1])
-    return pkg, bar
-
-
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
-
-
-def package_train(c: Config, warmup: int) -> Timing:
-    """One run through ``experiments.run`` (Trainer, module, data module, every default callback
-    and logger); tokens/s between the end of step ``warmup`` and the end of the last step.
-
-    The clock is read right after the StepRecorder's per-step hook (after its host sync), by
-    wrapping that hook for the duration of the run: two clock reads per step, nothing else.
-    """
-    from batchsize_study.experiments import run
-    from batchsize_study.recorder import StepRecorder
-
-    marks: dict[int, tuple[float, float]] = {}
-    original = StepRecorder.on_train_batch_end
-
-    def timed(self, trainer, *args, **kwargs):  # noqa: ANN001, ANN202
-        original(self, trainer, *args, **kwargs)
-        marks[trainer.global_step] = (time.perf_counter(), time.process_time())
-
-    t0 = time.perf_counter()
-    StepRecorder.on_train_batch_end = timed  # type: ignore[method-assign]
-    try:
-        record = run(c)
-    finally:
-        StepRecorder.on_train_batch_end = original  # type: ignore[method-assign]
-    wall = time.perf_counter() - t0
-    last = max(marks)
-    seconds = marks[last][0] - marks[warmup][0]
-    cpu = marks[last][1] - marks[warmup][1]
-    tokens = record["tokens_per_step"] * (last - warmup)
-    return Timing(
-        tokens / seconds,
-        seconds,
-        last,
-        startup_s=wall - seconds,
-        cpu_tokens_per_second=tokens / cpu,
-        extra={"record": record},
-    )
 
 
 def fresh_study_dir(prefix: str) -> str:

@@ -1,7 +1,8 @@
 """Overhead of the gradient-noise-scale measurement (batchsize_study.noise), on the real model.
 
 1. hooks: forward+backward with and without the per-parameter gradient hooks;
-2. split: one micro-batch of 16 against two of 8 (noise.split=2 when accumulation is 1).
+2. split: one micro-batch of 16 against two of 8 (noise.split=2 when accumulation is 1; the study
+   splits only every noise.split_every-th step, inside the training step).
 Interleaved A/B, median of many repetitions, one CPU thread: on a shared, loaded CPU every extra
 small op otherwise pays OpenMP barrier waits and the end-to-end tokens/s swings several-fold.
 

@@ -1,53 +1,144 @@
-"""Training throughput: the package against a bare PyTorch loop, side by side.
+"""Training throughput of the runs that matter: small_batch and large_batch as the study runs them,
+against a bare PyTorch loop doing the same arithmetic.
 
-    python benchmarks/throughput.py [--rounds 3] [--steps 30] [--warmup 5] [overrides ...]
+    python benchmarks/throughput.py [--rounds 3] [--steps 24] [--warmup 4]
+                                    [--large-steps 10] [--large-warmup 2] [--threads 0]
+                                    [--package OVERRIDE ...] [overrides ...]
 
-(a) the package: ``experiments.run`` with the default experiment, i.e. the Lightning Trainer, the
-    LightningModule, the data module, the recorder, the detector, the progress bar and the
-    default loggers (wandb offline) all on; (b) a bare loop (benchmarks/_common.py: same model
-    class, AdamW groups, schedule, clipping, autocast and sampler order over the same token
-    file). They run in lockstep in one process: after each package step one bare step runs, and
-    each side is charged only its own stretch of wall time (after ``--warmup`` steps), so a
-    machine shared with other work slows both alike; rounds give the spread. Prints tokens/s of each (median, min..max) and, as the last line,
-    ``ratio <median over rounds of package/bare>``.
+(a) package: ``experiments.run`` with experiment=small_batch / large_batch and the default config:
+    Trainer, module, data module, the recorder, the detector, the noise-scale hooks (and on
+    small_batch its split steps), checkpoints and validation at the default cadence (scaled to
+    the benchmark's length: a checkpoint every third, a validation every sixth of the run, as
+    300 steps with checkpoint_every_steps=100 and val_every_steps=50), wandb offline, progress bar.
+(b) bare: the same model class, AdamW groups, schedule, clipping, autocast, micro batch and
+    accumulation, sampler order, validation windows and checkpoint cadence (benchmarks/_common.py
+    ``bare_stepper``), nothing else: no noise scale, no logging.
+
+Each side runs in its own fresh interpreter (so neither sees the other's threads), one after the
+other, A B then B A in the next round, so a machine shared with other work slows both alike.
+Each side is timed by the wall clock from the end of step ``warmup`` to the end of the last step
+(validation and checkpoints in between count; start-up does not). Prints tokens/s per experiment
+(median, min..max over rounds), the per-round ratios package/bare, and as the last line
+``ratio R``: the lower of the two experiments' median per-round ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
 
-from _common import (
-    compose,
-    fresh_study_dir,
-    lockstep_train,
-    median_spread,
-    quiet_environment,
-    rel_spread,
-)
+from _common import compose, median_spread, quiet_environment
 
-# The default experiment, kept stable (a low LR target, so the detector never stops a round) and
-# validated only after the last step (validation is not training throughput).
-BASE = (
-    "experiment=superconvergence",
-    "lr=0.002",
-    "force=true",
-    "data.val_max_windows=4",
-)
+EXPERIMENTS = ("small_batch", "large_batch")
+# The default run's cadence (config.py): 300 steps, a checkpoint every 100, a validation every 50.
+DEFAULT_STEPS, CKPT_EVERY, VAL_EVERY = 300, 100, 50
+
+
+def run_overrides(experiment: str, steps: int, extra: list[str]) -> list[str]:
+    """The study's own config for ``experiment``, shortened to ``steps`` with its cadence scaled."""
+    return [
+        f"experiment={experiment}",
+        "lr=0.002",  # given: no upstream record needed; the arithmetic does not depend on it
+        "force=true",
+        f"max_steps={steps}",
+        f"warmup_steps={max(1, steps // 10)}",
+        f"val_every_steps={max(1, round(steps * VAL_EVERY / DEFAULT_STEPS))}",
+        f"checkpoint_every_steps={max(1, round(steps * CKPT_EVERY / DEFAULT_STEPS))}",
+        *extra,
+    ]
+
+
+def worker(side: str, overrides: list[str], warmup: int) -> dict:
+    """One side, in this interpreter: tokens/s from the end of step ``warmup`` to the last step."""
+    import torch
+
+    marks: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as tmp:
+        c = compose(*overrides, f"study.dir={tmp}")
+        t0 = time.perf_counter()
+        if side == "bare":
+            from _common import bare_stepper
+
+            # The device is synchronised only where the clock is read (the package's recorder
+            # syncs once per logger.log_every_steps and always at the last step).
+            stepper = bare_stepper(c, ckpt_dir=tmp, validate=True, sync_steps={warmup, c.max_steps})
+            for step, _ in enumerate(stepper, start=1):
+                marks[step] = time.perf_counter()
+            tokens_per_step = c.batch_size * c.model.seq_len
+            extra = {}
+        else:
+            from batchsize_study.experiments import run
+            from batchsize_study.recorder import StepRecorder
+
+            original = StepRecorder.on_train_batch_end
+
+            def timed(self, trainer, *args, **kwargs):  # noqa: ANN001, ANN202
+                original(self, trainer, *args, **kwargs)
+                if trainer.global_step == warmup and torch.cuda.is_available():
+                    torch.cuda.synchronize()  # the clock's start must see the device done
+                marks.setdefault(trainer.global_step, time.perf_counter())
+
+            StepRecorder.on_train_batch_end = timed  # type: ignore[method-assign]
+            try:
+                record = run(c)
+            finally:
+                StepRecorder.on_train_batch_end = original  # type: ignore[method-assign]
+            tokens_per_step = record["tokens_per_step"]
+            extra = {
+                k: record.get(k)
+                for k in ("status", "precision", "flops_per_token", "peak_flops", "mfu")
+            }
+            extra["noise_steps"] = ((record.get("noise") or {}).get("run_mean") or {}).get("steps")
+        wall = time.perf_counter() - t0
+    last = max(marks)
+    seconds = marks[last] - marks[warmup]
+    return {
+        "side": side,
+        "tokens_per_second": tokens_per_step * (last - warmup) / seconds,
+        "timed_steps": last - warmup,
+        "seconds": seconds,
+        "wall_s": wall,
+        "threads": torch.get_num_threads(),
+        **extra,
+    }
+
+
+def spawn(side: str, overrides: list[str], warmup: int, threads: int) -> dict:
+    """Run one side in a fresh interpreter; its last stdout line is the JSON result."""
+    cmd = [sys.executable, __file__, "--worker", side, "--warmup", str(warmup)]
+    cmd += ["--threads", str(threads), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=30, help="measured optimizer steps per run")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=24, help="small_batch optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed small_batch steps per run")
+    ap.add_argument("--large-steps", type=int, default=10, help="large_batch steps per run")
+    ap.add_argument("--large-warmup", type=int, default=2, help="untimed large_batch steps")
     ap.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch intra-op threads for both (0: torch's default, what a user gets)",
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
     )
+    ap.add_argument("--experiments", default=",".join(EXPERIMENTS))
+    ap.add_argument(
+        "--package",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="an override for the package side only (e.g. noise.enabled=false, to price a feature)",
+    )
+    ap.add_argument("--worker", choices=("package", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (model=..., precision=...)")
     args = ap.parse_args()
     quiet_environment()
@@ -55,61 +146,75 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    total = args.warmup + args.steps
-    overrides = [*BASE, f"max_steps={total}", f"val_every_steps={total}", *args.overrides]
-    probe = compose(*overrides, "study.dir=/tmp/unused")
-    print(
-        f"model {probe.model.arch} h{probe.model.hidden_size} L{probe.model.num_layers} "
-        f"seq {probe.model.seq_len}, batch {probe.batch_size} (micro {probe.micro_batch_size}), "
-        f"precision {probe.precision}, compile {probe.compile}, attn {probe.model.attn_implementation}; "
-        f"{args.rounds} rounds of {args.warmup}+{args.steps} steps, {threads()} threads",
-        flush=True,
-    )
-    bare, pkg, ratios, cpu_ratios = [], [], [], []
-    record: dict = {}
-    for r in range(args.rounds):
-        sdir = fresh_study_dir("throughput")
-        c = compose(*overrides, f"study.dir={sdir}")
-        p, b = lockstep_train(c, args.warmup)
-        record = (p.extra or {}).get("record", {})
-        shutil.rmtree(sdir, ignore_errors=True)
-        bare.append(b.tokens_per_second)
-        pkg.append(p.tokens_per_second)
-        ratios.append(p.tokens_per_second / b.tokens_per_second)
-        cpu_ratios.append(p.cpu_tokens_per_second / b.cpu_tokens_per_second)
+    if args.worker:
+        result = worker(args.worker, args.overrides, args.warmup)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    plans = {
+        "small_batch": (args.steps, args.warmup),
+        "large_batch": (args.large_steps, args.large_warmup),
+    }
+    experiments = [e for e in args.experiments.split(",") if e]
+    for exp in experiments:
+        steps, warmup = plans[exp]
+        c = compose(*run_overrides(exp, steps, args.overrides), "study.dir=/tmp/unused")
         print(
-            f"round {r + 1}: bare {b.tokens_per_second:,.0f} tok/s, package "
-            f"{p.tokens_per_second:,.0f} tok/s, ratio {ratios[-1]:.3f} "
-            f"(per CPU-second: {cpu_ratios[-1]:.3f})",
+            f"{exp}: model {c.model.arch} h{c.model.hidden_size} L{c.model.num_layers} seq "
+            f"{c.model.seq_len}, batch {c.batch_size} (micro {c.micro_batch_size}), precision "
+            f"{c.precision}, compile {c.compile}; {steps} steps ({warmup} untimed), validation "
+            f"every {c.val_every_steps}, checkpoint every {c.checkpoint_every_steps}; noise "
+            f"split {c.noise.split} every {c.noise.split_every} steps",
             flush=True,
         )
-    print(f"bare    tokens/s: {median_spread(bare)}  spread {rel_spread(bare):.1%}")
-    print(f"package tokens/s: {median_spread(pkg)}  spread {rel_spread(pkg):.1%}")
-    print(
-        f"per-round ratio: median {statistics.median(ratios):.3f} "
-        f"(min {min(ratios):.3f}, max {max(ratios):.3f}); ratio of medians "
-        f"{statistics.median(pkg) / statistics.median(bare):.3f}"
-    )
-    fpt, peak = record.get("flops_per_token"), record.get("peak_flops")
-    if fpt and peak:
+    if args.package:
+        print(f"package side only: {' '.join(args.package)}", flush=True)
+    print(f"{args.rounds} rounds, each side in its own interpreter, order alternating", flush=True)
+    tps: dict[str, dict[str, list[float]]] = {e: {"package": [], "bare": []} for e in experiments}
+    ratios: dict[str, list[float]] = {e: [] for e in experiments}
+    last: dict = {}
+    for r in range(args.rounds):
+        order = ("package", "bare") if r % 2 == 0 else ("bare", "package")
+        for exp in experiments:
+            steps, warmup = plans[exp]
+            got = {}
+            for side in order:
+                extra = [*args.overrides, *(args.package if side == "package" else [])]
+                res = spawn(side, run_overrides(exp, steps, extra), warmup, args.threads)
+                got[side] = res
+                tps[exp][side].append(res["tokens_per_second"])
+                print(
+                    f"round {r + 1} {exp:11s} {side:7s} {res['tokens_per_second']:9,.0f} tok/s "
+                    f"({res['timed_steps']} steps in {res['seconds']:.1f}s; process "
+                    f"{res['wall_s']:.1f}s)",
+                    flush=True,
+                )
+            ratios[exp].append(
+                got["package"]["tokens_per_second"] / got["bare"]["tokens_per_second"]
+            )
+            last[exp] = got["package"]
+            print(f"round {r + 1} {exp:11s} ratio {ratios[exp][-1]:.3f}", flush=True)
+    print()
+    per_exp = {}
+    for exp in experiments:
+        per_exp[exp] = statistics.median(ratios[exp])
+        print(f"{exp}: bare    tokens/s {median_spread(tps[exp]['bare'])}")
+        print(f"{exp}: package tokens/s {median_spread(tps[exp]['package'])}")
         print(
-            f"MFU (measured {fpt / 1e6:,.2f} MFLOP/token, peak {peak / 1e12:,.2f} TFLOP/s "
-            f"for {record.get('precision')}): package {fpt * statistics.median(pkg) / peak:.2%}, "
-            f"bare {fpt * statistics.median(bare) / peak:.2%}; the last record (its clock also ran "
-            f"through the interleaved bare steps): tokens_per_second "
-            f"{record.get('tokens_per_second') or 0:,.0f}, mfu {record.get('mfu') or 0:.2%}"
+            f"{exp}: per-round ratio package/bare "
+            + ", ".join(f"{x:.3f}" for x in ratios[exp])
+            + f"; median {per_exp[exp]:.3f}"
         )
-    print(
-        f"per-round ratio of tokens per CPU-second (insensitive to other load): median "
-        f"{statistics.median(cpu_ratios):.3f} (min {min(cpu_ratios):.3f}, max {max(cpu_ratios):.3f})"
-    )
-    print(f"ratio {statistics.median(ratios):.3f}")
-
-
-def threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+        rec = last[exp]
+        if rec.get("flops_per_token") and rec.get("peak_flops"):
+            fpt, peak = rec["flops_per_token"], rec["peak_flops"]
+            print(
+                f"{exp}: MFU ({fpt / 1e6:,.2f} MFLOP/token, peak {peak / 1e12:,.3f} TFLOP/s for "
+                f"{rec.get('precision')}): package {fpt * statistics.median(tps[exp]['package']) / peak:.2%}, "
+                f"bare {fpt * statistics.median(tps[exp]['bare']) / peak:.2%}; noise measured on "
+                f"{rec.get('noise_steps')} steps"
+            )
+    print(f"ratio {min(per_exp.values()):.3f}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from batchsize_study.experiments import run
-from batchsize_study.noise import NoiseScaleCallback, noise_micro_batch, simple_noise_scale
+from batchsize_study.noise import (
+    NoiseScaleCallback,
+    backward_in_pieces,
+    noise_micro_batch,
+    simple_noise_scale,
+    splits_step,
+)
+from batchsize_study.steps import StepStats
 from batchsize_study.study import adam_sde_hparams
 
 
@@ -63,6 +70,7 @@ class _Linear(pl.LightningModule):
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ):  # noqa: ANN001
         self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), math.inf)
+        self.step_stats = StepStats(grad_norm=self.last_grad_norm)  # the contract (steps.py)
 
     def configure_optimizers(self):  # noqa: ANN201
         return torch.optim.SGD(self.parameters(), lr=0.0)  # frozen: gradients checkable afterwards
@@ -115,10 +123,15 @@ def test_adam_sde_rule_matches_malladi():
 def test_smoke_records_carry_noise_scale_and_adam_sde(cfg_factory, tmp_path: Path):
     """small_batch (accumulation 1: split) and large_batch with adam_sde, smoke-sized."""
     steps = ("max_steps=20", "warmup_steps=4", "val_every_steps=20")
-    small = run(cfg_factory("experiment=small_batch", "lr=0.01", *steps))
+    # Every step measured here (noise.split_every=1): 20 smoke steps resolve |G|^2; sparser
+    # measurement is checked in test_split_backward_gives_the_unsplit_gradient_and_loss.
+    small = run(cfg_factory("experiment=small_batch", "lr=0.01", "noise.split_every=1", *steps))
     assert small["status"] == "completed"
-    assert small["micro_batch_size"] == 8 and small["accumulate_grad_batches"] == 2
-    assert small["derivation"]["noise_split"] == {"micro_batch_size": 16, "split": 2}
+    # The micro batch stays 16 (one Lightning batch per step); the measured steps' backward runs
+    # in two pieces of 8 inside the training step.
+    assert small["micro_batch_size"] == 16 and small["accumulate_grad_batches"] == 1
+    assert small["derivation"]["noise_split"] == {"micro_batch_size": 16, "split": 2, "every": 1}
+    assert small["noise"]["measured_every"] == 1 and small["noise"]["run_mean"]["steps"] == 20
     gns = small["gradient_noise_scale"]
     assert gns is not None and math.isfinite(gns) and gns > 0
     assert small["noise"]["b_small"] == 8 and small["noise"]["b_big"] == 16
@@ -134,3 +147,84 @@ def test_smoke_records_carry_noise_scale_and_adam_sde(cfg_factory, tmp_path: Pat
     on_disk = json.loads(Path(large["metrics_csv"]).with_name("result.json").read_text())
     assert on_disk["adam_betas"] == large["adam_betas"]
     assert "gradient_noise_scale" in on_disk
+
+
+class _SplitLinear(_Linear):
+    """Splits every ``every``-th step's backward in two, as CausalLMModule does."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        self.every = every
+        self.grads: dict[int, torch.Tensor] = {}
+        self.losses: list[float] = []
+        self.hold = False
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):  # noqa: ANN001, ANN201
+        if self.hold:  # as CausalLMModule: keep the pieces already back-propagated
+            self.hold = False
+            return
+        optimizer.zero_grad()
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(self.lin(batch[:, :3]), batch[:, 3:])
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        if splits_step(self.trainer.global_step, self.every):
+            self.hold = True
+            out = backward_in_pieces(self, batch, 2, self._loss)
+        else:
+            out = self._loss(batch)
+        self.losses.append(float(out))
+        return out
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):  # noqa: ANN001
+        super().configure_gradient_clipping(optimizer)
+        self.grads[self.trainer.global_step] = torch.cat(
+            [p.grad.flatten().clone() for p in self.parameters()]
+        )
+
+
+def test_split_backward_gives_the_unsplit_gradient_and_loss(tmp_path: Path):
+    """The pieces' summed gradient and the logged loss are the whole batch's (up to rounding),
+    and the callback measures only the split steps, with the pieces' exact norms."""
+    torch.manual_seed(0)
+    data = torch.randn(24, 4)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
+    module = _SplitLinear(every=2)
+    cb = NoiseScaleCallback(b_small=2, b_big=4, ema=0.0, split_every=2)
+    trainer = pl.Trainer(
+        max_steps=6,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, loader)
+    cb.on_step_rows(trainer, [])
+    assert cb._steps == 3  # steps 0, 2, 4
+
+    def grad(rows: torch.Tensor) -> torch.Tensor:
+        module.zero_grad()
+        module._loss(rows).backward()
+        return torch.cat([p.grad.flatten() for p in module.parameters()])
+
+    for step in range(6):
+        batch = data[4 * step : 4 * step + 4]
+        assert torch.allclose(module.grads[step], grad(batch), atol=1e-6)
+        assert module.losses[step] == pytest.approx(float(module._loss(batch)), rel=1e-6)
+    last = data[16:20]  # step 4, the last measured one
+    ga, gb = grad(last[:2]), grad(last[2:])
+    small = (ga.square().sum() + gb.square().sum()).item() / 2
+    big = ((ga + gb) / 2).square().sum().item()
+    g2, trace, _ = simple_noise_scale(small, big, 2, 4)
+    assert cb.latest["g2"] == pytest.approx(g2, rel=1e-4)
+    assert cb.latest["trace"] == pytest.approx(trace, rel=1e-4)
+
+
+def test_split_steps_are_chosen_by_index_alone():
+    assert [s for s in range(10) if splits_step(s, 4)] == [0, 4, 8]
+    assert all(splits_step(s, 1) for s in range(5))
