@@ -41,6 +41,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from batchsize_study.stats import t_quantile
+
+BLOCKS = 10
+"""Contiguous blocks of the run whose sums give the noise scale's jackknife interval."""
+
 
 def noise_micro_batch(micro_batch_size: int, accumulation: int, world_size: int, split: int) -> int:
     """The size of the pieces a step's gradient is measured in, so that a step holds two batch
@@ -139,6 +144,9 @@ class NoiseScaleCallback(pl.Callback):
         self._sum_small: torch.Tensor | None = None  # run totals, for the whole-run estimate
         self._sum_big: torch.Tensor | None = None
         self._steps = 0
+        self._blocks: torch.Tensor | None = None  # (BLOCKS, 3): sum small, sum big, steps
+        self._max_steps = 1
+        self.block_sums: list[list[float]] = []
         self._last_step = -1
         self.latest: dict[str, float] = {}
         self.run_mean: dict[str, float] = {}
@@ -159,6 +167,10 @@ class NoiseScaleCallback(pl.Callback):
         self._small, self._big = scalar("small"), scalar("big")
         self._sum_small, self._sum_big = scalar("sum_small"), scalar("sum_big")
         self._steps = int(saved.get("steps", 0))
+        self._blocks = torch.tensor(
+            saved.get("blocks", [[0.0, 0.0, 0.0]] * BLOCKS), device=dev, dtype=torch.float32
+        )
+        self._max_steps = max(1, int(trainer.max_steps or 1))
         self._last_step = trainer.global_step
         seen: set[int] = set()
         for p in pl_module.parameters():
@@ -219,6 +231,10 @@ class NoiseScaleCallback(pl.Callback):
         assert self._sum_small is not None and self._sum_big is not None
         self._sum_small.add_(torch.where(ok, small, torch.zeros_like(small)))
         self._sum_big.add_(torch.where(ok, big, torch.zeros_like(big)))
+        assert self._blocks is not None
+        k = min(BLOCKS - 1, (trainer.global_step - 1) * BLOCKS // self._max_steps)
+        row = torch.stack([small, big, torch.ones_like(small)])
+        self._blocks[k].add_(torch.where(ok, row, torch.zeros_like(row)))
         self._steps += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -233,6 +249,7 @@ class NoiseScaleCallback(pl.Callback):
             "sum_small": float(self._sum_small),
             "sum_big": float(self._sum_big),
             "steps": self._steps,
+            "blocks": self._blocks.tolist() if self._blocks is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -256,12 +273,20 @@ class NoiseScaleCallback(pl.Callback):
         if not collective and trainer.world_size > 1:
             return {}
         assert self._big is not None and self._sum_small is not None and self._sum_big is not None
-        values = torch.stack([self._small, self._big, self._sum_small, self._sum_big])
+        assert self._blocks is not None
+        values = torch.cat(
+            [
+                torch.stack([self._small, self._big, self._sum_small, self._sum_big]),
+                self._blocks.flatten(),
+            ]
+        )
         if trainer.world_size > 1:
             # Per-rank micro-batch norms: the mean over ranks is the mean over all small batches
             # (EMAs are linear, so the mean of EMAs is the EMA of means).
             values = trainer.strategy.reduce(values, reduce_op="mean")
-        small, big, sum_small, sum_big = values.tolist()
+        host = values.tolist()
+        small, big, sum_small, sum_big = host[:4]
+        self.block_sums = [host[4 + 3 * i : 7 + 3 * i] for i in range(BLOCKS)]
         correction = 1.0 - self.ema**self._steps  # bias correction of a zero-started EMA
         g2, trace, b_simple = simple_noise_scale(
             small / correction, big / correction, self.b_small, self.b_big
@@ -284,6 +309,24 @@ class NoiseScaleCallback(pl.Callback):
             "ema": self.ema,
             "final": _finite_or_none(self.latest),
             "run_mean": _finite_or_none(self.run_mean),
+            **self._interval(),
+        }
+
+    def _interval(self) -> dict[str, Any]:
+        iv = jackknife_interval(
+            [tuple(b) for b in self.block_sums],
+            self.b_small,
+            self.b_big,  # type: ignore[misc]
+        )
+        if iv is None:
+            return {"b_simple_interval": None}
+        return {
+            "b_simple_interval": [iv["low"], iv["high"]],
+            "interval_method": (
+                f"{iv['level']:.0%} delete-one-block jackknife of the run-mean log B_simple over "
+                f"{iv['blocks']} contiguous blocks of steps (batch noise and drift over training)"
+            ),
+            "interval_of": "run_mean",
         }
 
     @property
@@ -291,6 +334,47 @@ class NoiseScaleCallback(pl.Callback):
         """The final EMA estimate in sequences; None where |G|^2 was not resolved."""
         v = self.latest.get("b_simple")
         return v if v is not None and math.isfinite(v) and v > 0 else None
+
+
+def jackknife_interval(
+    blocks: list[tuple[float, float, float]], b_small: float, b_big: float, level: float = 0.95
+) -> dict[str, Any] | None:
+    """An interval for the run-mean B_simple from per-block sums (sum |g_small|^2, sum |g_big|^2,
+    measured steps) of contiguous blocks of the run: the delete-one-block jackknife (Quenouille
+    1956; Efron & Tibshirani 1993, ch. 11) of log B_simple, t interval with K - 1 df.
+
+    Contiguous blocks carry both the batch-to-batch noise and the drift of B_simple as training
+    proceeds (it grows as the loss falls), so the interval is wide where one number summarises a
+    changing quantity. None with fewer than 3 blocks or where a leave-one-out estimate is not
+    resolved (|G|^2 <= 0): then no interval is claimed.
+    """
+    used = [(s, b, n) for s, b, n in blocks if n > 0]
+    k = len(used)
+    if k < 3:
+        return None
+    tot_s, tot_b, tot_n = (sum(x[i] for x in used) for i in range(3))
+    full = simple_noise_scale(tot_s / tot_n, tot_b / tot_n, b_small, b_big)[2]
+    if not full > 0:
+        return None
+    logs = []
+    for s, b, n in used:
+        v = simple_noise_scale(
+            (tot_s - s) / (tot_n - n), (tot_b - b) / (tot_n - n), b_small, b_big
+        )[2]
+        if not v > 0:
+            return None
+        logs.append(math.log(v))
+    mean = sum(logs) / k
+    se = math.sqrt((k - 1) / k * sum((x - mean) ** 2 for x in logs))
+    half = t_quantile(level, k - 1) * se
+    return {
+        "b_simple": full,
+        "low": full * math.exp(-half),
+        "high": full * math.exp(half),
+        "se_log": se,
+        "blocks": k,
+        "level": level,
+    }
 
 
 def _finite_or_none(d: dict[str, float]) -> dict[str, float | None]:

@@ -228,3 +228,28 @@ def test_split_backward_gives_the_unsplit_gradient_and_loss(tmp_path: Path):
 def test_split_steps_are_chosen_by_index_alone():
     assert [s for s in range(10) if splits_step(s, 4)] == [0, 4, 8]
     assert all(splits_step(s, 1) for s in range(5))
+
+
+def test_jackknife_interval_covers_the_true_noise_scale_and_widens_with_noise():
+    """Blocks drawn from G^2 = 1, tr(Sigma) = 100 (B_simple = 100) at B = 8 and 32: the interval
+    holds 100; noisier blocks give a wider one; too few blocks give none."""
+    import random
+
+    from batchsize_study.noise import jackknife_interval
+
+    def blocks(noise: float, seed: int) -> list[tuple[float, float, float]]:
+        rng = random.Random(seed)
+        out = []
+        for _ in range(10):
+            n = 20
+            small = sum((1 + 100 / 8) * (1 + noise * rng.gauss(0, 1)) for _ in range(n))
+            big = sum((1 + 100 / 32) * (1 + noise * rng.gauss(0, 1)) for _ in range(n))
+            out.append((small, big, float(n)))
+        return out
+
+    quiet = jackknife_interval(blocks(0.05, 0), 8, 32)
+    loud = jackknife_interval(blocks(0.2, 0), 8, 32)
+    assert quiet is not None and loud is not None
+    assert quiet["low"] < 100 < quiet["high"]
+    assert (loud["high"] / loud["low"]) > (quiet["high"] / quiet["low"])
+    assert jackknife_interval(blocks(0.05, 0)[:2], 8, 32) is None
