@@ -131,7 +131,7 @@ class DetectorConfig:
     than exploding (Lightning's LR finder's 4x rule rarely fires); 5 % sits well below that and well
     above the smoothed noise of the default run (about 1 %)."""
     patience: int = 10
-    """Consecutive optimizer steps the rise must last: one noisy stretch is not an instability."""
+    """Consecutive optimizer steps the rise must last: one noisy stretch is not a destabilisation."""
     onset_tolerance: float = 0.01
     """onset=rise: the onset is the last step, before the alarm, where the smoothed loss was within
     this fraction of its best: where it *left* its best, not where the alarm fired. onset=plateau:
@@ -139,7 +139,7 @@ class DetectorConfig:
     ignore_first: int = 20
     """Steps ignored at the start, where the loss falls from ln(V) and is not yet informative."""
     onset: str = "rise"
-    """Which step of a detected instability is x (the alarm is the same rise rule for both):
+    """Which step of a detected destabilisation is x (the alarm is the same rise rule for both):
     rise: the seed's literal reading, the last step still within onset_tolerance of the best before
     the smoothed loss rose threshold above it; min_loss: the step of the lowest smoothed loss, where
     a higher LR stopped buying a lower loss (the LR range test's reading, Smith 2017); plateau: the

@@ -19,6 +19,10 @@ best, and fires when the smoothed loss stays ``threshold`` above the best for ``
 
 ``lag_correction`` moves the onset back by the EMA's mean lag, ``smoothing / (1 - smoothing)``
 steps: the bias-corrected EMA's weights have their centre of mass that far in the past.
+
+Naming: the idea is *destabilisation* (the seed's word) everywhere in the code; ``spike`` survives
+only where it is a published contract: this module's name, the ``spike/`` metric namespace and the
+record's ``spike_step``.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ STABLE = Verdict(False)
 
 
 @dataclass
-class InstabilityDetector:
+class DestabilisationDetector:
     """Feed it ``update(step, lr, loss)`` once per optimizer step; it returns a :class:`Verdict`.
 
     Pure Python, no tensors: the decision is unit-testable on synthetic series and costs nothing.
@@ -79,7 +83,7 @@ class InstabilityDetector:
     smoothed: float = math.nan
 
     @classmethod
-    def from_config(cls, cfg: DetectorConfig) -> InstabilityDetector:
+    def from_config(cls, cfg: DetectorConfig) -> DestabilisationDetector:
         return cls(
             smoothing=cfg.smoothing,
             threshold=cfg.threshold,
@@ -176,7 +180,7 @@ def replay(
     then be compared on one run without training again (the alarm, and so the rows a
     superconvergence run records, does not depend on ``onset``).
     """
-    det = InstabilityDetector.from_config(cfg)
+    det = DestabilisationDetector.from_config(cfg)
     smoothed: list[float] = []
     verdict = STABLE
     for step, lr, loss in rows:
@@ -199,7 +203,7 @@ class DestabilisationCallback(pl.Callback):
     The detector's state travels in the checkpoint, so a resumed run watches the same curve.
     """
 
-    def __init__(self, detector: InstabilityDetector, stop_on_rise: bool) -> None:
+    def __init__(self, detector: DestabilisationDetector, stop_on_rise: bool) -> None:
         self.detector = detector
         self.stop_on_rise = stop_on_rise
         self.verdict: Verdict = STABLE

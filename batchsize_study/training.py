@@ -45,7 +45,7 @@ from batchsize_study.runtime import (
     resolve_world_size,
     study_dir,
 )
-from batchsize_study.spike import DestabilisationCallback, InstabilityDetector
+from batchsize_study.spike import DestabilisationCallback, DestabilisationDetector
 from batchsize_study.study import (
     RECORD,
     adam_sde_hparams,
@@ -126,7 +126,7 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
     resume = _resume_point(c, run_id, ckpt_dir) if keep_model else None
 
     detector = DestabilisationCallback(
-        InstabilityDetector.from_config(c.detector), stop_on_rise=(c.task == "superconvergence")
+        DestabilisationDetector.from_config(c.detector), stop_on_rise=(c.task == "superconvergence")
     )
     noise_cb = None
     b_small = plan.micro_batch_size // split

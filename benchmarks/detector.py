@@ -20,14 +20,14 @@ from types import SimpleNamespace
 
 from _common import bare_train, compose, quiet_environment
 
-from batchsize_study.spike import DestabilisationCallback, InstabilityDetector
+from batchsize_study.spike import DestabilisationCallback, DestabilisationDetector
 
 
 def hook_seconds_per_step(n: int = 10_000) -> float:
     """Seconds per step of DestabilisationCallback.on_step_rows, one row per call (the default
     ``log_every_steps=1``: the most calls)."""
     cfg = compose().detector
-    cb = DestabilisationCallback(InstabilityDetector.from_config(cfg), stop_on_rise=False)
+    cb = DestabilisationCallback(DestabilisationDetector.from_config(cfg), stop_on_rise=False)
     strategy = SimpleNamespace(reduce_boolean_decision=lambda d, all=True: d)  # single device
     trainer = SimpleNamespace(strategy=strategy, should_stop=False)
     rows = [

@@ -11,7 +11,7 @@ import torch
 
 from batchsize_study.noise import NoiseScaleCallback
 from batchsize_study.recorder import StepRecorder
-from batchsize_study.spike import DestabilisationCallback, InstabilityDetector
+from batchsize_study.spike import DestabilisationCallback, DestabilisationDetector
 from batchsize_study.steps import StepConsumer, StepStats
 
 PACKAGE = Path(__file__).resolve().parents[1] / "batchsize_study"
@@ -30,7 +30,7 @@ class _NoCollectives:
 def test_exception_flush_starts_no_collective(tmp_path):
     """Under DDP an exception on one rank flushes its pending rows without collectives, and the
     consumers it feeds (detector, noise scale) must not start one either."""
-    detector = DestabilisationCallback(InstabilityDetector(), stop_on_rise=False)
+    detector = DestabilisationCallback(DestabilisationDetector(), stop_on_rise=False)
     noise = NoiseScaleCallback(2, 8)
     noise._steps, noise._small, noise._big = 1, torch.tensor(1.0), torch.tensor(0.5)
     noise._sum_small, noise._sum_big = torch.tensor(1.0), torch.tensor(0.5)
@@ -51,7 +51,7 @@ def test_exception_flush_starts_no_collective(tmp_path):
 
 
 def test_consumers_follow_the_declared_protocol():
-    assert isinstance(DestabilisationCallback(InstabilityDetector(), True), StepConsumer)
+    assert isinstance(DestabilisationCallback(DestabilisationDetector(), True), StepConsumer)
     assert isinstance(NoiseScaleCallback(2, 8), StepConsumer)
 
 

@@ -38,6 +38,7 @@ def test_stdlib_corpus_decodes_invalid_utf8_with_replacement(tmp_path):
     (tmp_path / "docs" / "bad.txt").write_bytes(b"caf\xe9 \xff\xfe latin-1 bytes " * 50)
     (tmp_path / "docs" / "good.txt").write_text("hello world " * 200)
     (tmp_path / "docs" / "more.txt").write_text("def f(x):\n    return x\n" * 200)
+    (tmp_path / "docs" / "four.txt").write_text("class A:\n    pass\n" * 200)
     c = prepare_corpus(small_cfg(tmp_path, source="text", path=str(tmp_path / "docs")), seq_len=8)
     assert c.train_tokens > 0 and c.val_tokens > 0 and c.dtype == "uint16"
 

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from batchsize_study.spike import InstabilityDetector
+from batchsize_study.spike import DestabilisationDetector
 
 
 def feed(det, losses, lrs=None):
@@ -26,18 +26,18 @@ def decay(n, noise=0.03, seed=0, start=8.0, floor=4.0):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_decay_plus_noise_never_fires(seed):
-    assert feed(InstabilityDetector(), decay(600, noise=0.03, seed=seed)) is None
+    assert feed(DestabilisationDetector(), decay(600, noise=0.03, seed=seed)) is None
 
 
 def test_flat_noisy_plateau_never_fires():
     rng = random.Random(1)
-    assert feed(InstabilityDetector(), [5.0 + rng.gauss(0, 0.15) for _ in range(800)]) is None
+    assert feed(DestabilisationDetector(), [5.0 + rng.gauss(0, 0.15) for _ in range(800)]) is None
 
 
 def test_sudden_jump_onset_within_a_few_steps():
     k = 300
     series = decay(k, noise=0.02) + [7.5 + random.Random(2).gauss(0, 0.1) for _ in range(100)]
-    v = feed(InstabilityDetector(), series)
+    v = feed(DestabilisationDetector(), series)
     assert v is not None
     assert abs(v.onset_step - k) <= 3, v
     assert v.alarm_step > v.onset_step
@@ -45,9 +45,9 @@ def test_sudden_jump_onset_within_a_few_steps():
 
 def test_nan_fires_at_once():
     series = decay(100) + [float("nan")]
-    v = feed(InstabilityDetector(), series)
+    v = feed(DestabilisationDetector(), series)
     assert v is not None and v.alarm_step == 101 and "non-finite" in v.reason
-    v = feed(InstabilityDetector(), [float("inf")])
+    v = feed(DestabilisationDetector(), [float("inf")])
     assert v is not None and v.alarm_step == 1
 
 
@@ -57,7 +57,7 @@ def test_plateau_fifteen_percent_above_best_is_detected():
     falling = [6.0 - 2.0 * i / 200 + rng.gauss(0, 0.05) for i in range(200)]
     rise = [best * (1 + 0.15 * j / 20) + rng.gauss(0, 0.05) for j in range(20)]
     plateau = [best * 1.15 + rng.gauss(0, 0.05) for _ in range(100)]
-    v = feed(InstabilityDetector(), falling + rise + plateau)
+    v = feed(DestabilisationDetector(), falling + rise + plateau)
     assert v is not None
     assert 195 <= v.onset_step <= 212, v
 
@@ -66,7 +66,7 @@ def test_reported_lr_is_the_onsets_not_the_alarms():
     k = 250
     lrs = [1e-4 * (i + 1) for i in range(400)]
     series = decay(k, noise=0.01) + [4.0 * (1 + 0.02 * j) for j in range(150)]  # steady climb
-    v = feed(InstabilityDetector(), series, lrs)
+    v = feed(DestabilisationDetector(), series, lrs)
     assert v is not None
     assert v.onset_lr == pytest.approx(lrs[v.onset_step - 1])
     assert v.alarm_step - v.onset_step >= 5
@@ -77,11 +77,11 @@ def test_reported_lr_is_the_onsets_not_the_alarms():
 def test_first_steps_are_ignored():
     # A bump in the first steps (loss still near ln V) must not set the best or fire.
     series = [8.0, 8.5, 9.0, 9.5, 9.9] * 4 + decay(200, noise=0.01)
-    assert feed(InstabilityDetector(ignore_first=20), series) is None
+    assert feed(DestabilisationDetector(ignore_first=20), series) is None
 
 
 def test_verdict_is_sticky():
-    det = InstabilityDetector()
+    det = DestabilisationDetector()
     feed(det, [float("nan")])
     assert det.update(5, 0.1, 1.0).destabilised
 
@@ -105,8 +105,8 @@ def test_min_loss_onset_is_where_the_loss_stopped_improving_not_where_it_rose():
     series = [6.0 - 0.01 * i for i in range(1, 151)]
     series += [lo * (1 + 0.006 * j / 100) for j in range(1, 101)]
     series += [lo * 1.2] * 40
-    rise = feed(InstabilityDetector(onset="rise"), series)
-    minimum = feed(InstabilityDetector(onset="min_loss"), series)
+    rise = feed(DestabilisationDetector(onset="rise"), series)
+    minimum = feed(DestabilisationDetector(onset="min_loss"), series)
     assert rise is not None and minimum is not None
     assert rise.alarm_step == minimum.alarm_step  # the alarm rule is the same
     assert 245 <= rise.onset_step <= 255, rise
@@ -120,9 +120,9 @@ def test_min_loss_onset_is_where_the_loss_stopped_improving_not_where_it_rose():
 
 def test_slow_rise_min_loss_and_its_lag_correction():
     series = v_shape(turn=200)
-    plain = feed(InstabilityDetector(onset="min_loss"), series)
-    lagged = feed(InstabilityDetector(onset="min_loss", lag_correction=True), series)
-    seed_literal = feed(InstabilityDetector(), series)
+    plain = feed(DestabilisationDetector(onset="min_loss"), series)
+    lagged = feed(DestabilisationDetector(onset="min_loss", lag_correction=True), series)
+    seed_literal = feed(DestabilisationDetector(), series)
     assert plain is not None and lagged is not None and seed_literal is not None
     assert 200 < plain.onset_step <= 206  # at a sharp turn the smoothed minimum trails a little
     assert lagged.onset_step == plain.onset_step - 9  # 0.9 / (1 - 0.9) steps back
@@ -133,14 +133,14 @@ def test_slow_rise_min_loss_and_its_lag_correction():
 
 def test_min_loss_nan_reports_the_best_step_and_noise_does_not_fire():
     series = v_shape(turn=10_000, n=300) + [float("nan")]  # still falling when it blows up
-    v = feed(InstabilityDetector(onset="min_loss"), series)
+    v = feed(DestabilisationDetector(onset="min_loss"), series)
     assert v is not None and v.alarm_step == 301 and "non-finite" in v.reason
     assert 295 <= v.onset_step <= 300
     falling_then_nan = v_shape(turn=100, n=150) + [float("nan")]
-    v = feed(InstabilityDetector(onset="min_loss"), falling_then_nan)
+    v = feed(DestabilisationDetector(onset="min_loss"), falling_then_nan)
     assert v is not None and 100 <= v.onset_step <= 112  # the minimum, not the NaN step
     for seed in range(3):
-        assert feed(InstabilityDetector(onset="min_loss"), decay(600, seed=seed)) is None
+        assert feed(DestabilisationDetector(onset="min_loss"), decay(600, seed=seed)) is None
 
 
 def test_replay_matches_feeding_and_reports_the_smoothed_curve():
@@ -151,7 +151,7 @@ def test_replay_matches_feeding_and_reports_the_smoothed_curve():
     rows = [(i + 1, (i + 1) * 1e-4, loss) for i, loss in enumerate(series)]
     cfg = DetectorConfig(onset="min_loss", lag_correction=True)
     v, smoothed = replay(rows, cfg)
-    assert v == feed(InstabilityDetector.from_config(cfg), series)
+    assert v == feed(DestabilisationDetector.from_config(cfg), series)
     assert len(smoothed) == v.alarm_step and smoothed[0] == pytest.approx(series[0])
 
 
@@ -172,21 +172,21 @@ def test_plateau_onset_is_where_the_loss_reached_its_plateau():
     series = [6.0 - 0.01 * i for i in range(1, 151)]
     series += [lo * (1 + 0.006 * j / 100) for j in range(1, 101)]
     series += [lo * 1.2] * 40
-    plateau = feed(InstabilityDetector(onset="plateau"), series)
-    lagged = feed(InstabilityDetector(onset="plateau", lag_correction=True), series)
-    minimum = feed(InstabilityDetector(onset="min_loss"), series)
+    plateau = feed(DestabilisationDetector(onset="plateau"), series)
+    lagged = feed(DestabilisationDetector(onset="plateau", lag_correction=True), series)
+    minimum = feed(DestabilisationDetector(onset="min_loss"), series)
     assert plateau is not None and lagged is not None and minimum is not None
     assert plateau.alarm_step == minimum.alarm_step
     assert 145 <= plateau.onset_step <= 160 < minimum.onset_step, (plateau, minimum)
     assert 140 <= lagged.onset_step <= 152 and lagged.definition == "plateau+lag"
     # A new best later in the run moves the plateau's start to the new band.
     again = series[:250] + [lo * (1 - 0.04 * j / 20) for j in range(1, 21)] + [lo * 1.3] * 40
-    later = feed(InstabilityDetector(onset="plateau"), again)
+    later = feed(DestabilisationDetector(onset="plateau"), again)
     assert later is not None and later.onset_step > 250, later
 
 
 def test_plateau_onset_on_nan_and_noise():
-    v = feed(InstabilityDetector(onset="plateau"), v_shape(turn=100, n=150) + [float("nan")])
+    v = feed(DestabilisationDetector(onset="plateau"), v_shape(turn=100, n=150) + [float("nan")])
     assert v is not None and v.alarm_step == 151 and v.onset_step <= 110
     for seed in range(3):
-        assert feed(InstabilityDetector(onset="plateau"), decay(600, seed=seed)) is None
+        assert feed(DestabilisationDetector(onset="plateau"), decay(600, seed=seed)) is None

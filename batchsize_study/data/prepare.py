@@ -471,8 +471,11 @@ def _encode_corpus(
     small = source.total_bytes is not None and source.total_bytes < 4 * ENCODE_CHUNK_CHARS
     if budget is not None:
         small = small or CHARS_PER_TOKEN_CAP * budget < 4 * ENCODE_CHUNK_CHARS
-    # A daemonic process (a worker of someone else's pool) may not start one of its own.
-    in_process = procs <= 1 or small or mp.current_process().daemon
+    # A daemonic process (a worker of someone else's pool) may not start one of its own, and a
+    # spawned child re-applies its parent's start method, which fails for one that only a
+    # launcher knows (joblib's loky workers set "loky"): encode in this process there.
+    foreign = mp.get_start_method(allow_none=True) not in (None, "fork", "spawn", "forkserver")
+    in_process = procs <= 1 or small or mp.current_process().daemon or foreign
     in_flight = (1 if procs <= 1 else min(procs, 4)) if in_process else 2 * procs
     chunk_chars = ENCODE_CHUNK_CHARS
     if budget is not None:  # read at most ~25 % past the budget: chunks in flight are read
