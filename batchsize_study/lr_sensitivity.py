@@ -32,6 +32,9 @@ import math
 import statistics
 from typing import Any
 
+SUMMARY = "lr_sweep_summary"
+"""The experiment name of an LR sweep's summary record."""
+
 
 def sweep_lrs(
     multiples: list[float], lrs: list[float] | None, x: float | None, snap: bool

@@ -16,8 +16,8 @@ from typing import Any
 from batchsize_study import __version__
 from batchsize_study.batch import BatchPlan
 from batchsize_study.config import Config, OptimConfig
+from batchsize_study.detector import Verdict
 from batchsize_study.metrics import METRICS, read_metrics
-from batchsize_study.spike import Verdict
 from batchsize_study.stats import fmt, median
 from batchsize_study.study import FINAL_STATUSES, RECORD, LRChoice, read_records
 

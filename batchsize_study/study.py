@@ -21,6 +21,10 @@ from batchsize_study.stats import json_safe, median
 log = logging.getLogger(__name__)
 
 RECORD = "result.json"
+EVALUATION = "evaluate"
+"""The experiment name of a test-set evaluation record (batchsize_study.evaluate)."""
+EVALUATION_LOSSES = "per_window_losses.npz"
+"""Beside an evaluation record: every model's per-window test losses."""
 FINAL_STATUSES = ("completed", "diverged", "no_divergence")
 
 

@@ -21,12 +21,10 @@ from typing import Any
 
 from batchsize_study.config import Config
 from batchsize_study.errors import UpstreamError
-from batchsize_study.lr_sensitivity import summarise, sweep_lrs, window_se
+from batchsize_study.lr_sensitivity import SUMMARY, summarise, sweep_lrs, window_se
 from batchsize_study.metrics import read_metrics
 
 log = logging.getLogger("batchsize_study")
-
-SUMMARY = "lr_sweep_summary"
 
 
 def _reference_x(sdir: str, c: Config, key: str) -> tuple[float | None, list[str], str]:

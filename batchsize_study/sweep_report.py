@@ -26,11 +26,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from batchsize_study.config import DetectorConfig
-from batchsize_study.lr_sensitivity import relation, summarise
+from batchsize_study.detector import replay
+from batchsize_study.lr_sensitivity import SUMMARY, relation, summarise
 from batchsize_study.metrics import read_metrics
-from batchsize_study.spike import replay
 from batchsize_study.study import read_records
-from batchsize_study.sweep import SUMMARY
 
 COLORS = ("#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd")
 RUN_IT = (

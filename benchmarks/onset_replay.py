@@ -15,7 +15,7 @@ import json
 import math
 import sys
 
-from batchsize_study.spike import replay
+from batchsize_study.detector import replay
 from batchsize_study.sweep_report import _detector_cfg, read_rows, seed_rule, sweeps
 
 

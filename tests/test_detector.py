@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from batchsize_study.spike import DestabilisationDetector
+from batchsize_study.detector import DestabilisationDetector
 
 
 def feed(det, losses, lrs=None):
@@ -145,7 +145,7 @@ def test_min_loss_nan_reports_the_best_step_and_noise_does_not_fire():
 
 def test_replay_matches_feeding_and_reports_the_smoothed_curve():
     from batchsize_study.config import DetectorConfig
-    from batchsize_study.spike import replay
+    from batchsize_study.detector import replay
 
     series = v_shape(turn=200, noise=0.02)
     rows = [(i + 1, (i + 1) * 1e-4, loss) for i, loss in enumerate(series)]

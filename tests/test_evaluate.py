@@ -19,13 +19,13 @@ from batchsize_study.evaluate import (
     block_means,
     checkpoint_path,
     difference,
-    evaluate_section,
     load_test_windows,
     model_summary,
     prompts,
     select_pairs,
 )
 from batchsize_study.experiments import run
+from batchsize_study.report.evaluation import evaluate_section
 from batchsize_study.study import read_records
 
 KEY = "k1"

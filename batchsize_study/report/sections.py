@@ -18,7 +18,6 @@ from matplotlib.figure import Figure
 
 from batchsize_study import ladder, sweep_report
 from batchsize_study.config import CompareConfig
-from batchsize_study.evaluate import evaluate_section
 from batchsize_study.metrics import read_metrics
 from batchsize_study.probe_analysis import SUMMARY
 from batchsize_study.report import figures
@@ -29,6 +28,7 @@ from batchsize_study.report.compare import (
     overall,
     verdict_for,
 )
+from batchsize_study.report.evaluation import evaluate_section
 from batchsize_study.report.load import Study, load_ladder
 from batchsize_study.stats import fmt
 
