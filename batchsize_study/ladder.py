@@ -96,6 +96,7 @@ def noise_scale_estimate(records: list[dict[str, Any]], level: float) -> dict[st
     """
     by_seed: dict[int, list[float]] = {}
     intervals: list[list[float]] = []
+    run_means: list[float] = []
     methods: set[str] = set()
     for r in records:
         v = r.get("gradient_noise_scale")
@@ -106,6 +107,9 @@ def noise_scale_estimate(records: list[dict[str, Any]], level: float) -> dict[st
         if noise.get("b_simple_interval"):
             intervals.append([float(x) for x in noise["b_simple_interval"]])
             methods.add(str(noise.get("interval_method") or "not stated"))
+            mean = (noise.get("run_mean") or {}).get("b_simple")
+            if noise.get("interval_of") == "run_mean" and mean is not None and mean > 0:
+                run_means.append(float(mean))
     if not by_seed:
         return None
     per_seed = {seed: median(vals) for seed, vals in sorted(by_seed.items())}
@@ -128,6 +132,12 @@ def noise_scale_estimate(records: list[dict[str, Any]], level: float) -> dict[st
     if intervals and len(intervals) == len(values):
         out["interval"] = [min(i[0] for i in intervals), max(i[1] for i in intervals)]
         out["method"] = f"the run's own interval ({'; '.join(sorted(methods))}), one seed"
+        if len(run_means) == len(intervals):  # the interval is the whole-run estimate's
+            out["value"] = median(run_means)
+            out["method"] += (
+                "; the value is the runs' whole-run estimate the interval belongs to (the final "
+                "EMA estimates, per_seed, are later in training, where B_simple has grown)"
+            )
     else:
         out["interval"] = None
         out["method"] = "one seed and no recorded interval: the uncertainty is unknown"

@@ -177,3 +177,23 @@ def test_one_seed_uses_the_recorded_interval(tmp_path: Path):
     d = load_ladder(_ladder_study(tmp_path / "b", {(16, 0): (500.0, None)}))
     assert d["noise_scale"]["interval"] is None and d["rungs"][0]["noise_regime"] == "uncertain"
     assert "too uncertain" in ladder_markdown(d)
+
+
+def test_one_seed_noise_scale_pairs_the_interval_with_its_own_estimate():
+    """The recorded jackknife interval is the whole-run estimate's; the final EMA (later in
+    training, where B_simple has grown) may lie outside it, so it is not the value shown."""
+    from batchsize_study.ladder import noise_scale_estimate
+
+    rec = {
+        "seed": 0,
+        "gradient_noise_scale": 200.0,  # final EMA
+        "noise": {
+            "run_mean": {"b_simple": 40.0},
+            "b_simple_interval": [20.0, 80.0],
+            "interval_of": "run_mean",
+            "interval_method": "jackknife",
+        },
+    }
+    est = noise_scale_estimate([rec], 0.95)
+    assert est is not None and est["value"] == 40.0 and est["interval"] == [20.0, 80.0]
+    assert est["interval"][0] <= est["value"] <= est["interval"][1]

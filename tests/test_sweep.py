@@ -108,8 +108,8 @@ def test_sweep_settings_validate_where_defined():
 
 def test_smoke_lr_sweep_end_to_end_and_its_report(cfg_factory, tmp_path: Path):
     from batchsize_study.experiments import run
-    from batchsize_study.study import read_records
     from batchsize_study.lr_sensitivity import SUMMARY
+    from batchsize_study.study import read_records
     from batchsize_study.sweep_report import (
         sensitivity_section,
         superconvergence_section,
