@@ -83,17 +83,7 @@ def test_hooks_measure_micro_and_step_gradients(tmp_path: Path):
     loader = torch.utils.data.DataLoader(list(zip(x, y)), batch_size=4, shuffle=False)
     module = _Linear()
     cb = NoiseScaleCallback(b_small=4, b_big=8, ema=0.0)  # ema 0: the last step's values
-    trainer = pl.Trainer(
-        max_steps=2,
-        accumulate_grad_batches=2,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(module, loader)
+    trainer = _fit(module, loader, cb, tmp_path, max_steps=2, accumulate_grad_batches=2)
     cb.on_step_rows(trainer, [])
 
     def grad(lo: int, hi: int) -> torch.Tensor:
@@ -194,16 +184,7 @@ def test_split_backward_gives_the_unsplit_gradient_and_loss(tmp_path: Path):
     loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
     module = _SplitLinear(every=2)
     cb = NoiseScaleCallback(b_small=2, b_big=4, ema=0.0, split_every=2)
-    trainer = pl.Trainer(
-        max_steps=6,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(module, loader)
+    trainer = _fit(module, loader, cb, tmp_path, max_steps=6)
     cb.on_step_rows(trainer, [])
     assert cb._steps == 3  # steps 0, 2, 4
 
@@ -253,3 +234,18 @@ def test_jackknife_interval_covers_the_true_noise_scale_and_widens_with_noise():
     assert quiet["low"] < 100 < quiet["high"]
     assert (loud["high"] / loud["low"]) > (quiet["high"] / quiet["low"])
     assert jackknife_interval(blocks(0.05, 0)[:2], 8, 32) is None
+
+
+def _fit(module, loader, cb, tmp_path, **trainer_args) -> pl.Trainer:  # noqa: ANN001
+    """A bare Trainer (no logger, checkpoint or bar) that fits ``module`` with ``cb``."""
+    trainer = pl.Trainer(
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        **trainer_args,
+    )
+    trainer.fit(module, loader)
+    return trainer
