@@ -64,6 +64,9 @@ def point(rec: dict[str, Any], final_window: int) -> dict[str, Any]:
         "diverged": diverged,
         "status": rec.get("status"),
         "train_se": window_se(losses, final_window),
+        # The validation set's own standard error of that loss (kind "val" only): the per-step
+        # comparison's error bar, where the train window is the sweep's noise estimate.
+        "val_se": rec.get("final_val_loss_se") if kind == "val" else None,
         "final_train_loss": rec.get("final_train_loss"),
         "wall_seconds": rec.get("wall_seconds"),
         "run_id": rec.get("run_id"),

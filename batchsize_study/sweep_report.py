@@ -237,6 +237,8 @@ def _pair(small: dict[str, Any], large: dict[str, Any], window: int) -> dict[str
         "per_step": {
             "small": small.get("final_val_loss"),
             "large": large.get("final_val_loss"),
+            "small_se": small.get("final_val_loss_se"),
+            "large_se": large.get("final_val_loss_se"),
             "steps": [small.get("steps_done"), large.get("steps_done")],
         },
     }
@@ -266,6 +268,8 @@ def _best_run(s: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "lr": p["lr"],
         "final_val_loss": s["best_loss"],  # the mean over seeds, as the sweep reports it
+        # One seed: that run's validation SE; several: the sweep's se of the mean over seeds.
+        "final_val_loss_se": p.get("val_se") if len(pts) == 1 else s.get("best_se"),
         "metrics_csv": p["metrics_csv"],
         "steps_done": s["max_steps"],
         "tokens_per_step": None,
@@ -384,13 +388,15 @@ def _plot_pair(axes: Any, rows: dict[str, dict[str, Any]], small_bs: int, large_
         ):
             xs, ys, es = [], [], []
             for i, n in enumerate(names):
-                v = (rows[n].get(key) or {}).get(who)
+                part = rows[n].get(key) or {}
+                v = part.get(who)
                 loss = v.get("loss") if isinstance(v, dict) else v
                 if loss is None:
                     continue
+                se = v.get("se") if isinstance(v, dict) else part.get(f"{who}_se")
                 xs.append(i + (k - 0.5) * 0.2)
                 ys.append(loss)
-                es.append((v.get("se") if isinstance(v, dict) else None) or 0.0)
+                es.append(se if se is not None and math.isfinite(se) else 0.0)
             ax.errorbar(xs, ys, yerr=es, fmt="o", ms=8, capsize=4, color=color,
                         label=f"batch {bs}")  # fmt: skip
         ax.set_xticks(range(len(names)), names, fontsize=8)

@@ -145,6 +145,9 @@ def test_smoke_lr_sweep_end_to_end_and_its_report(cfg_factory, tmp_path: Path):
     md, data, tuned_pngs = tuned_section(study, out)
     assert "own best LR" in md and data["seed_rule"] and data["tuned"]
     assert data["sentence"] in md
+    # Per step, both comparisons carry the validation set's standard error (the plot's bars).
+    for row in (data["seed_rule"]["64"], data["tuned"]["64"]):
+        assert all(row["per_step"][f"{w}_se"] > 0 for w in ("small", "large")), row["per_step"]
     md, data, sc_pngs = superconvergence_section(study, out)
     assert "onset" in md and data["onsets"]["rise"]["onset_lr"] is not None
     for p in pngs + tuned_pngs + sc_pngs:
