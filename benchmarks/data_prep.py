@@ -1,7 +1,7 @@
 """Corpus preparation at size: throughput and peak memory, against a nanoGPT-style baseline.
 
     python benchmarks/data_prep.py [--sizes 0.1,0.3,1] [--single 1] [--files2 0.145]
-                                   [--baseline 0.1] [--work /tmp/bench-data]
+                                   [--baseline 0.1] [--repeats 3] [--work /tmp/bench-data]
 
 Corpora are built locally from text already on this machine (the standard library's .py files,
 site-packages .py/.txt/.md/.rst/.pyi, /usr/share text), repeated under new names until each
@@ -17,7 +17,8 @@ its own child: nanoGPT's data/openwebtext/prepare.py with a Hugging Face tokeniz
 run trained) in place of tiktoken: ``load_dataset("text", sample_by="document")``,
 ``.map(num_proc=N)`` per document, one uint16 memmap. Our side with that same tokenizer
 (``data.tokenizer.kind=pretrained``) is timed beside it, so the ratio compares encode + write
-alone; last line ``ratio R`` (baseline time / ours, > 1: ours is faster).
+alone, in ``--repeats`` pairs whose order alternates; last line ``ratio R`` (baseline time /
+ours, > 1: ours is faster: the median pair of each compared rung, the lowest rung).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -197,6 +199,7 @@ def main() -> None:
     ap.add_argument("--files2", default="", help="GB, two-file rungs")
     ap.add_argument("--baseline", default="0.1", help="GB of the many-files rungs to compare")
     ap.add_argument("--work", default="/tmp/bench-data")
+    ap.add_argument("--repeats", type=int, default=3, help="baseline/ours pairs per compared rung")
     args = ap.parse_args()
     gb = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
     work = Path(args.work)
@@ -220,14 +223,25 @@ def main() -> None:
         if size in gb(args.baseline):
             tok = str(work / "tokenizer.json")
             shutil.copy(r["tokenizer_path"], tok)
-            # Interleaved: baseline, ours with the same tokenizer, baseline's order fixed.
-            b = baseline(path, work, tok)
-            o = ours(path, work, tok)
-            print(line(f"baseline datasets.map {kind} {size:g} GB", b), flush=True)
-            print(line(f"ours, same tokenizer {kind} {size:g} GB", o), flush=True)
-            same = o["tokens"] == b["tokens"]
-            print(f"  same token count: {same} ({o['tokens']:,} vs {b['tokens']:,})", flush=True)
-            ratios.append(b["wall"] / o["wall"])
+            # Interleaved pairs, the order alternating (B O, O B, ...), so a drift in the
+            # machine's load hits both sides alike; the rung's ratio is the median pair's.
+            pair_ratios = []
+            for i in range(args.repeats):
+                order = ("baseline", "ours") if i % 2 == 0 else ("ours", "baseline")
+                got = {
+                    side: baseline(path, work, tok) if side == "baseline" else ours(path, work, tok)
+                    for side in order
+                }
+                b, o = got["baseline"], got["ours"]
+                print(line(f"baseline datasets.map {kind} {size:g} GB", b), flush=True)
+                print(line(f"ours, same tokenizer {kind} {size:g} GB", o), flush=True)
+                pair_ratios.append(b["wall"] / o["wall"])
+                print(f"  pair {i + 1} ({' then '.join(order)}): ratio {pair_ratios[-1]:.2f}; "
+                      f"same token count: {o['tokens'] == b['tokens']} "
+                      f"({o['tokens']:,} vs {b['tokens']:,})", flush=True)  # fmt: skip
+            ratios.append(statistics.median(pair_ratios))
+            print(f"  {kind} {size:g} GB: median ratio {ratios[-1]:.2f} over "
+                  f"{len(pair_ratios)} pairs ({min(pair_ratios):.2f}..{max(pair_ratios):.2f})")  # fmt: skip
         shutil.rmtree(work / "cache", ignore_errors=True)
     if ratios:
         print(f"ratio {min(ratios):.2f}  (baseline wall / ours; lowest over {len(ratios)} rungs)")

@@ -163,8 +163,12 @@ def main() -> None:
             f"{exp}: model {c.model.arch} h{c.model.hidden_size} L{c.model.num_layers} seq "
             f"{c.model.seq_len}, batch {c.batch_size} (micro {c.micro_batch_size}), precision "
             f"{c.precision}, compile {c.compile}; {steps} steps ({warmup} untimed), validation "
-            f"every {c.val_every_steps}, checkpoint every {c.checkpoint_every_steps}; noise "
-            f"split {c.noise.split} every {c.noise.split_every} steps",
+            f"every {c.val_every_steps}, checkpoint every {c.checkpoint_every_steps}; noise: "
+            + (
+                f"hooks on every step's {c.batch_size // c.micro_batch_size} micro-batches"
+                if c.batch_size > c.micro_batch_size
+                else f"split {c.noise.split} every {c.noise.split_every} steps"
+            ),
             flush=True,
         )
     if args.package:
