@@ -4,6 +4,7 @@ not redone; runs of one study never share checkpoints."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -60,12 +61,16 @@ def test_sigkill_then_same_command_resumes_with_identical_losses(reference, tmp_
         cli_cmd(study, *RUN), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        _wait_for(lambda: _checkpoints(study), proc)
+        # Mid-run, last.ckpt is a link to the newest step file (one serialisation per save).
+        _wait_for(lambda: list(study.glob("runs/*/checkpoints/last.ckpt")), proc)
     finally:
         proc.kill()  # SIGKILL: no handler runs, as after a power loss
         proc.wait()
     (rd,) = run_dirs(study)
     assert not (rd / "result.json").exists(), "the run finished before it was killed"
+    last = rd / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and (rd / "checkpoints" / os.readlink(last)).is_file()
+    assert os.readlink(last) in [p.name for p in _checkpoints(study)]
 
     done = cli(study, *RUN)
     assert done.returncode == 0, done.stderr[-2000:]
