@@ -85,9 +85,11 @@ def bare_stepper(
     (after a device sync), for ``c.max_steps`` steps. Setup runs on the first ``next``.
 
     With ``validate``, the first ``data.val_max_windows`` validation windows are evaluated every
-    ``val_every_steps`` (as the package does); with ``ckpt_dir``, model, optimizer and schedule
-    are saved every ``checkpoint_every_steps`` (one ``torch.save``, as nanoGPT does). Both fall
-    inside the step they follow, so a timed interval holds them as the package's does.
+    ``val_every_steps`` and after the last step (as the package does); with ``ckpt_dir``, model,
+    optimizer and schedule are saved every ``checkpoint_every_steps`` (one ``torch.save``, as
+    nanoGPT does). Both run after the step's yield, where Lightning runs them (after the
+    step-end callbacks), so the interval between the yields of steps a and b holds the
+    validations and checkpoints of steps a .. b-1, as the package's interval does.
     ``sync_steps``: the steps after which the device is synchronised before yielding (None: every
     step); a timer that reads the clock only at those steps lets the host run ahead elsewhere.
     """
@@ -150,14 +152,17 @@ def bare_stepper(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if sync_steps is None or step in sync_steps:
+            _sync(dev)
+        yield plan.tokens_per_step
+        # After the yield, as Lightning runs validation and checkpoints after its step-end hooks:
+        # a window timed from one yield to another holds the events of the same steps as the
+        # package's window timed between two on_train_batch_end calls.
         if validate and (step % c.val_every_steps == 0 or step == steps):
             _validate(model, forward, val_loader, precision, dev)
         if ckpt_dir and step % c.checkpoint_every_steps == 0:
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
             torch.save({**state, "sched": sched.state_dict()}, Path(ckpt_dir) / "last.pt")
-        if sync_steps is None or step in sync_steps:
-            _sync(dev)
-        yield plan.tokens_per_step
 
 
 def _validate(model, forward, loader, precision: str, dev: torch.device) -> float:  # noqa: ANN001

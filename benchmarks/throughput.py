@@ -1,15 +1,19 @@
 """Training throughput of the runs that matter: small_batch and large_batch as the study runs them,
 against a bare PyTorch loop doing the same arithmetic.
 
-    python benchmarks/throughput.py [--rounds 3] [--steps 24] [--warmup 4]
-                                    [--large-steps 10] [--large-warmup 2] [--threads 0]
+    python benchmarks/throughput.py [--rounds 3] [--steps 101] [--warmup 1]
+                                    [--large-steps 101] [--large-warmup 1] [--threads 0]
+                                    [--cadence default|scaled]
                                     [--package OVERRIDE ...] [overrides ...]
 
 (a) package: ``experiments.run`` with experiment=small_batch / large_batch and the default config:
     Trainer, module, data module, the recorder, the detector, the noise-scale hooks (and on
-    small_batch its split steps), checkpoints and validation at the default cadence (scaled to
-    the benchmark's length: a checkpoint every third, a validation every sixth of the run, as
-    300 steps with checkpoint_every_steps=100 and val_every_steps=50), wandb offline, progress bar.
+    small_batch its split steps), checkpoints and validation, wandb offline, progress bar.
+    ``--cadence default`` (the default) keeps the run's own cadence (a validation every 50 and a
+    checkpoint every 100 steps): the 100 timed steps hold 2 validations and 1 checkpoint, the
+    default 300-step run's 6 and 3 per 300. ``--cadence scaled`` squeezes the 300-step run's 6
+    validations and 3 checkpoints into the benchmark's length: far more of them per step than any
+    real run, a pessimistic ratio from shorter runs.
 (b) bare: the same model class, AdamW groups, schedule, clipping, autocast, micro batch and
     accumulation, sampler order, validation windows and checkpoint cadence (benchmarks/_common.py
     ``bare_stepper``), nothing else: no noise scale, no logging.
@@ -40,18 +44,32 @@ EXPERIMENTS = ("small_batch", "large_batch")
 DEFAULT_STEPS, CKPT_EVERY, VAL_EVERY = 300, 100, 50
 
 
-def run_overrides(experiment: str, steps: int, extra: list[str]) -> list[str]:
-    """The study's own config for ``experiment``, shortened to ``steps`` with its cadence scaled."""
+def run_overrides(experiment: str, steps: int, extra: list[str], cadence: str) -> list[str]:
+    """The study's own config for ``experiment``, shortened to ``steps``; with ``scaled`` cadence
+    the default run's validations and checkpoints are squeezed into those steps."""
+    scaled = (
+        [
+            f"val_every_steps={max(1, round(steps * VAL_EVERY / DEFAULT_STEPS))}",
+            f"checkpoint_every_steps={max(1, round(steps * CKPT_EVERY / DEFAULT_STEPS))}",
+        ]
+        if cadence == "scaled"
+        else []
+    )
     return [
         f"experiment={experiment}",
         "lr=0.002",  # given: no upstream record needed; the arithmetic does not depend on it
         "force=true",
         f"max_steps={steps}",
         f"warmup_steps={max(1, steps // 10)}",
-        f"val_every_steps={max(1, round(steps * VAL_EVERY / DEFAULT_STEPS))}",
-        f"checkpoint_every_steps={max(1, round(steps * CKPT_EVERY / DEFAULT_STEPS))}",
+        *scaled,
         *extra,
     ]
+
+
+def window_events(first: int, last: int, every: int) -> int:
+    """Events (validations, checkpoints) after steps ``first`` .. ``last - 1``: what a window
+    timed from the end of step ``first`` to the end of step ``last`` holds on both sides."""
+    return sum(1 for s in range(first, last) if every >= 1 and s % every == 0)
 
 
 def worker(side: str, overrides: list[str], warmup: int) -> dict:
@@ -123,10 +141,16 @@ def spawn(side: str, overrides: list[str], warmup: int, threads: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=24, help="small_batch optimizer steps per run")
-    ap.add_argument("--warmup", type=int, default=4, help="untimed small_batch steps per run")
-    ap.add_argument("--large-steps", type=int, default=10, help="large_batch steps per run")
-    ap.add_argument("--large-warmup", type=int, default=2, help="untimed large_batch steps")
+    ap.add_argument("--steps", type=int, default=101, help="small_batch optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed small_batch steps per run")
+    ap.add_argument("--large-steps", type=int, default=101, help="large_batch steps per run")
+    ap.add_argument("--large-warmup", type=int, default=1, help="untimed large_batch steps")
+    ap.add_argument(
+        "--cadence",
+        choices=("default", "scaled"),
+        default="default",
+        help="validation/checkpoint cadence: the run's own, or the 300-step run's squeezed in",
+    )
     ap.add_argument(
         "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
     )
@@ -158,12 +182,17 @@ def main() -> None:
     experiments = [e for e in args.experiments.split(",") if e]
     for exp in experiments:
         steps, warmup = plans[exp]
-        c = compose(*run_overrides(exp, steps, args.overrides), "study.dir=/tmp/unused")
+        c = compose(*run_overrides(exp, steps, args.overrides, args.cadence), "study.dir=/tmp/u")
+        vals = window_events(warmup, steps, c.val_every_steps)
+        ckpts = window_events(warmup, steps, c.checkpoint_every_steps)
         print(
             f"{exp}: model {c.model.arch} h{c.model.hidden_size} L{c.model.num_layers} seq "
             f"{c.model.seq_len}, batch {c.batch_size} (micro {c.micro_batch_size}), precision "
             f"{c.precision}, compile {c.compile}; {steps} steps ({warmup} untimed), validation "
-            f"every {c.val_every_steps}, checkpoint every {c.checkpoint_every_steps}; noise: "
+            f"every {c.val_every_steps}, checkpoint every {c.checkpoint_every_steps} ({args.cadence}"
+            f" cadence: {vals} validations and {ckpts} checkpoints in the {steps - warmup} timed "
+            f"steps; a default run: {(steps - warmup) / VAL_EVERY:.1f} and "
+            f"{(steps - warmup) / CKPT_EVERY:.1f}); noise: "
             + (
                 f"hooks on every step's {c.batch_size // c.micro_batch_size} micro-batches"
                 if c.batch_size > c.micro_batch_size
@@ -184,7 +213,8 @@ def main() -> None:
             got = {}
             for side in order:
                 extra = [*args.overrides, *(args.package if side == "package" else [])]
-                res = spawn(side, run_overrides(exp, steps, extra), warmup, args.threads)
+                overrides = run_overrides(exp, steps, extra, args.cadence)
+                res = spawn(side, overrides, warmup, args.threads)
                 got[side] = res
                 tps[exp][side].append(res["tokens_per_second"])
                 print(
