@@ -33,6 +33,7 @@ from batchsize_study.flops import flops_per_token, peak_flops_per_device
 from batchsize_study.metrics import METRICS
 from batchsize_study.model import CausalLMModule
 from batchsize_study.noise import NoiseScaleCallback, noise_micro_batch
+from batchsize_study.progress import progress_bar
 from batchsize_study.record import RunOutcome, announce, build_record, existing_record
 from batchsize_study.recorder import StepRecorder
 from batchsize_study.runtime import (
@@ -166,6 +167,9 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
             )
         )
     callbacks += _configured_callbacks(c)
+    bar = progress_bar(callbacks, bool(c.trainer.get("enable_progress_bar", True)))
+    if bar is not None:
+        callbacks.append(bar)
 
     record_config = {
         **OmegaConf.to_container(OmegaConf.structured(c), resolve=True),  # type: ignore[dict-item]
