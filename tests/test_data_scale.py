@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from batchsize_study.config import DataConfig, TokenizerConfig
-from batchsize_study.data import cut_blocks, prepare_corpus
+from batchsize_study.data import Document, cut_blocks, prepare_corpus, split_documents, split_of
 from batchsize_study.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,6 +200,33 @@ def test_a_failed_preparation_leaves_no_cache_folder(tmp_path):
     with pytest.raises(DataError, match="cannot give train, validation and test"):
         prepare_corpus(cfg(tmp_path, source="text", path=str(two), cache_dir=str(cache)), 16)
     assert not cache.exists()
+
+
+def test_three_files_none_hashed_into_train_still_give_three_splits(tmp_path):
+    # The hash sends all three to validation/test; the writer moves one into train (as
+    # split_documents does), and the tokenizer, with no training document, learns from all three.
+    names = [n for n in (f"doc{i}.txt" for i in range(100)) if split_of(n, 0.1, 0.1) != "train"]
+    folder = tmp_path / "three"
+    folder.mkdir()
+    texts = {n: paragraphs(2000 + 500 * i) for i, n in enumerate(names[:3])}
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    c = prepare_corpus(
+        cfg(
+            tmp_path,
+            source="text",
+            path=str(folder),
+            val_fraction=0.1,
+            test_fraction=0.1,
+            block_chars=100_000,
+        ),
+        16,
+    )
+    assert (c.train_documents, c.val_documents, c.test_documents) == (1, 1, 1)
+    docs = [Document(n, t) for n, t in sorted(texts.items())]
+    want = [len(part) for part in split_documents(docs, 0.1, 0.1)]
+    assert want == [1, 1, 1]
+    assert min(c.train_tokens, c.val_tokens, c.test_tokens) > 0
 
 
 def test_settings_refused_when_built():

@@ -132,21 +132,37 @@ def split_of(name: str, val_fraction: float, test_fraction: float) -> str:
 def split_documents(
     docs: list[Document], val_fraction: float, test_fraction: float
 ) -> tuple[list[Document], list[Document], list[Document]]:
-    """The split of a list, with the same fallback as a build: with three or more documents and
-    none hashed into validation (test), the last training document moves there."""
+    """The split of a list, with the same fallback as a build: with three or more documents, a
+    split the hash left empty takes the last document of another (:func:`_empty_split_moves`)."""
     docs = [d for d in docs if d.text and not d.text.isspace()]
     parts: dict[str, list[Document]] = {"train": [], "val": [], "test": []}
     for d in docs:
         parts[split_of(d.name, val_fraction, test_fraction)].append(d)
-    train, val, test = parts["train"], parts["val"], parts["test"]
     if len(docs) >= 3:
-        for held in (val, test):
-            if not held:
-                donor = train if len(train) > 1 else max((val, test), key=len)
-                held.append(donor.pop())
-        if not train:
-            train.append((val if len(val) > 1 else test).pop(0))
-    return train, val, test
+        for donor, receiver in _empty_split_moves({k: len(v) for k, v in parts.items()}):
+            parts[receiver].append(parts[donor].pop())
+    return parts["train"], parts["val"], parts["test"]
+
+
+def _empty_split_moves(counts: dict[str, int]) -> list[tuple[str, str]]:
+    """(donor, receiver) moves that give each split the hash left empty the *last* document of a
+    split with two or more (training first, then the larger of the others); call with three or
+    more documents. Shared by split_documents and the streaming writer, which holds back each
+    split's last two documents for this (at most two splits are empty, so a donor gives at most
+    two, and only a split with three or more gives twice)."""
+    counts = dict(counts)
+    moves = []
+    for split in ("val", "test", "train"):
+        if counts[split]:
+            continue
+        if split != "train" and counts["train"] > 1:
+            donor = "train"
+        else:
+            donor = max((s for s in SPLITS if s != split), key=counts.__getitem__)
+        counts[donor] -= 1
+        counts[split] += 1
+        moves.append((donor, split))
+    return moves
 
 
 # ---------------------------------------------------------------- cache key
@@ -356,6 +372,21 @@ def _sample_texts(cfg: DataConfig, source: Source, budget: int | None) -> Iterat
         taken += len(doc.text)
         if taken >= cap:
             return
+    if taken:
+        return
+    # No training document drawn: a corpus of a handful of documents whose hashes all fell
+    # outside train (the writer then moves one into train). The tokenizer learns from every
+    # document instead: it sees held-out text, which a corpus this small cannot avoid.
+    log.warning(
+        "%s: no document hashed into the training split; the tokenizer trains on all documents",
+        _describe(cfg),
+    )
+    for doc in iter_documents(cfg, source):
+        if doc.text and not doc.text.isspace():
+            yield doc.text
+            taken += len(doc.text)
+            if taken >= cap:
+                return
 
 
 # ---------------------------------------------------------------- encode
@@ -373,8 +404,9 @@ class _Written:
 
 
 class _SplitWriter:
-    """Appends each document's tokens to its split's file; the last two training documents are
-    held back, so a split the hash left empty can take one (the fallback of split_documents)."""
+    """Appends each document's tokens to its split's file, holding back the last two documents of
+    every split, so that a split the hash left empty can take one at the end (the fallback of
+    split_documents, :func:`_empty_split_moves`)."""
 
     def __init__(self, folder: Path, budget: int | None) -> None:
         self.fh = {s: open(folder / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115
@@ -383,7 +415,7 @@ class _SplitWriter:
             documents=dict.fromkeys(SPLITS, 0),
             hashes={s: hashlib.sha256() for s in SPLITS},
         )
-        self.held: deque[np.ndarray] = deque()
+        self.held: dict[str, deque[np.ndarray]] = {s: deque() for s in SPLITS}
         self.budget = budget
         self.total = 0
 
@@ -397,12 +429,10 @@ class _SplitWriter:
     def add(self, split: str, arr: np.ndarray) -> bool:
         """Route one document; False once the budget is reached (stop reading)."""
         self.w.nonempty += 1
-        if split == "train":
-            self.held.append(arr)
-            if len(self.held) > 2:
-                self._write("train", self.held.popleft())
-        else:
-            self._write(split, arr)
+        held = self.held[split]
+        held.append(arr)
+        if len(held) > 2:
+            self._write(split, held.popleft())
         self.total += int(arr.size)
         if self.budget is not None and self.total >= self.budget:
             self.w.stopped = True
@@ -410,11 +440,13 @@ class _SplitWriter:
         return True
 
     def close(self) -> _Written:
-        for split in ("val", "test"):
-            if not self.w.documents[split] and self.held:
-                self._write(split, self.held.pop())
-        while self.held:
-            self._write("train", self.held.popleft())
+        if self.w.nonempty >= 3:
+            counts = {s: self.w.documents[s] + len(self.held[s]) for s in SPLITS}
+            for donor, receiver in _empty_split_moves(counts):
+                self.held[receiver].append(self.held[donor].pop())
+        for s in SPLITS:
+            while self.held[s]:
+                self._write(s, self.held[s].popleft())
         for fh in self.fh.values():
             fh.flush()
             os.fsync(fh.fileno())
