@@ -191,16 +191,27 @@ class StepRecorder(pl.Callback):
             trainer.max_steps or 0
         ):
             self.flush(trainer, pl_module)
-            # Progress-bar values are host floats already: no extra sync. Lightning's log() costs
-            # about a millisecond, so the bar's values are refreshed at most twice a second.
+            # The study's bar reads progress_metrics() when it draws (progress.py). Another bar
+            # gets the values through log(), which costs about a millisecond: at most twice a
+            # second.
+            bar = trainer.progress_bar_callback
             now = time.perf_counter()
-            if trainer.progress_bar_callback is not None and now - self._t_bar >= 0.5:
+            if (
+                bar is not None
+                and not getattr(bar, "reads_step_recorder", False)
+                and now - self._t_bar >= 0.5
+            ):
                 self._t_bar = now
                 pl_module.log_dict(
                     {"loss": self.last_row["train_loss"], "lr": self.last_row["lr"]},
                     prog_bar=True,
                     logger=False,
                 )
+
+    def progress_metrics(self) -> dict[str, float]:
+        """The latest step's loss and LR for the progress bar (host floats, no sync)."""
+        row = self.last_row
+        return {k: row[src] for k, src in (("loss", "train_loss"), ("lr", "lr")) if src in row}
 
     def flush(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, collective: bool = True
