@@ -23,7 +23,9 @@ other, A B then B A in the next round, so a machine shared with other work slows
 Each side is timed by the wall clock from the end of step ``warmup`` to the end of the last step
 (validation and checkpoints in between count; start-up does not). Prints tokens/s per experiment
 (median, min..max over rounds), the per-round ratios package/bare, and as the last line
-``ratio R``: the lower of the two experiments' median per-round ratios.
+``ratio R``: the lower of the two experiments' median per-round ratios. Also printed: the ratio of
+the median step (one step's interval, median over the timed steps): the per-step overhead alone,
+robust to a machine whose speed drifts within a run.
 """
 
 from __future__ import annotations
@@ -116,9 +118,15 @@ def worker(side: str, overrides: list[str], warmup: int) -> dict:
         wall = time.perf_counter() - t0
     last = max(marks)
     seconds = marks[last] - marks[warmup]
+    # One interval per timed step; the median is the plain training step (the steps followed
+    # by a validation or a checkpoint are the slow tail), and robust to a few seconds of a
+    # slower machine, which the window's total is not.
+    steps = [s for s in sorted(marks) if warmup <= s <= last]
+    intervals = [marks[b] - marks[a] for a, b in zip(steps, steps[1:]) if b == a + 1]
     return {
         "side": side,
         "tokens_per_second": tokens_per_step * (last - warmup) / seconds,
+        "step_tokens_per_second": tokens_per_step / statistics.median(intervals),
         "timed_steps": last - warmup,
         "seconds": seconds,
         "wall_s": wall,
@@ -205,6 +213,7 @@ def main() -> None:
     print(f"{args.rounds} rounds, each side in its own interpreter, order alternating", flush=True)
     tps: dict[str, dict[str, list[float]]] = {e: {"package": [], "bare": []} for e in experiments}
     ratios: dict[str, list[float]] = {e: [] for e in experiments}
+    step_ratios: dict[str, list[float]] = {e: [] for e in experiments}
     last: dict = {}
     for r in range(args.rounds):
         order = ("package", "bare") if r % 2 == 0 else ("bare", "package")
@@ -226,8 +235,15 @@ def main() -> None:
             ratios[exp].append(
                 got["package"]["tokens_per_second"] / got["bare"]["tokens_per_second"]
             )
+            step_ratios[exp].append(
+                got["package"]["step_tokens_per_second"] / got["bare"]["step_tokens_per_second"]
+            )
             last[exp] = got["package"]
-            print(f"round {r + 1} {exp:11s} ratio {ratios[exp][-1]:.3f}", flush=True)
+            print(
+                f"round {r + 1} {exp:11s} ratio {ratios[exp][-1]:.3f} (median step "
+                f"{step_ratios[exp][-1]:.3f})",
+                flush=True,
+            )
     print()
     per_exp = {}
     for exp in experiments:
@@ -238,6 +254,12 @@ def main() -> None:
             f"{exp}: per-round ratio package/bare "
             + ", ".join(f"{x:.3f}" for x in ratios[exp])
             + f"; median {per_exp[exp]:.3f}"
+        )
+        print(
+            f"{exp}: per-round ratio of the median step (the plain training step, no validation "
+            "or checkpoint) "
+            + ", ".join(f"{x:.3f}" for x in step_ratios[exp])
+            + f"; median {statistics.median(step_ratios[exp]):.3f}"
         )
         rec = last[exp]
         if rec.get("flops_per_token") and rec.get("peak_flops"):
