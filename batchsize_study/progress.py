@@ -2,10 +2,11 @@
 
 Lightning's default ``RichProgressBar(refresh_rate=100)`` marks the bar dirty after every training
 and validation batch, and Rich's thread redraws a dirty bar up to 100 times a second: in a
-terminal, one full render of the bars and the metrics line per batch. On a CPU run the host is
-the device, so those renders take cycles (and the GIL) from training: measured in a pseudo-
-terminal on the default small_batch run, the default bar cost 2-3 % of the throughput
-(``benchmarks/README.md``). Here the thread wakes twice a second; the counts and metrics it draws
+terminal, one full render of the bars and the metrics line per batch (about 5 ms each here). On a
+CPU run the host is the device, so those renders take cycles (and the GIL) from training:
+measured in a pseudo-terminal on small_batch (``benchmarks/progress_bar.py``), the redraws alone
+took 1.6 % of the run with Lightning's default and 0.8 % with this bar (161 against 70 redraws).
+Here the thread wakes twice a second; the counts and metrics it draws
 are the same, and hard refreshes (end of an epoch, a validation) are unchanged.
 
 The bar shows the step's loss and LR from the StepRecorder's last row (host floats it already
