@@ -203,7 +203,7 @@ class StepRecorder(pl.Callback):
             ):
                 self._t_bar = now
                 pl_module.log_dict(
-                    {"loss": self.last_row["train_loss"], "lr": self.last_row["lr"]},
+                    self.progress_metrics(),
                     prog_bar=True,
                     logger=False,
                 )

@@ -22,7 +22,7 @@ def test_no_bar_when_off_or_when_the_user_configured_one():
     assert progress_bar([TQDMProgressBar()], enabled=True) is None
 
 
-def test_the_bar_shows_the_recorders_loss_and_lr_without_self_log(tmp_path):
+def test_the_bar_shows_the_recorders_loss_and_lr(tmp_path):
     recorder = StepRecorder(str(tmp_path / "metrics.csv"), tokens_per_step=8)
     recorder.last_row = {"train_loss": 4.25, "lr": 0.002, "step": 7}
     for bar in (progress_bar([], enabled=True), StudyTQDMProgressBar()):
