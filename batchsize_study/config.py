@@ -24,6 +24,8 @@ def _check(ok: bool, key: str, value: Any, fix: str) -> None:
         raise ConfigError(key, value, fix)
 
 
+HOST_ALLOCATORS = ("auto", "system")
+
 TASKS = (
     "superconvergence",
     "small_batch",
@@ -707,6 +709,11 @@ class Config:
     turn it on for long runs: nanoGPT reports GPT-2 124M iterations cut from ~250 to 135 ms for a
     build of "~a minute" (karpathy/nanoGPT README and train.py); benchmarks/gpu.sh measures it for
     the 124M preset here (pending: no GPU so far)."""
+    host_allocator: str = "auto"
+    """auto: a run training on the CPU under glibc keeps freed memory in the process instead of
+    handing every large tensor back to the kernel and faulting it in again on the next step
+    (runtime.tune_host_allocator; small_batch: ~30k page faults per step without it, ~+15 %
+    tokens/s with it, benchmarks/README.md section 1c). system: leave malloc as it is."""
     peak_flops: float | None = None
     """Override the per-device peak FLOP/s used for MFU."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -823,6 +830,12 @@ def validate(cfg: DictConfig | Config) -> Config:
         "upstream_wait_seconds",
         c.upstream_wait_seconds,
         "use 0 (fail at once) or a number of seconds",
+    )
+    _check(
+        c.host_allocator in HOST_ALLOCATORS,
+        "host_allocator",
+        c.host_allocator,
+        "use " + " or ".join(HOST_ALLOCATORS),
     )
     # data.* is checked by DataConfig.__post_init__ (and TokenizerConfig's) when it is built.
     for key, fix in DERIVED_TRAINER_KEYS.items():

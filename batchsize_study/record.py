@@ -45,6 +45,8 @@ class RunOutcome:
     verdict: Verdict
     started_at: float
     precision: str
+    host_allocator: str = "system"
+    """What runtime.tune_host_allocator did: throughput depends on it on a CPU."""
     flops_per_token: float | None = None
     peak_flops: float | None = None
     tokens_per_second: list[float] = field(default_factory=list)
@@ -101,6 +103,7 @@ def build_record(o: RunOutcome) -> dict[str, Any]:
         if (tps and o.flops_per_token and o.peak_flops)
         else None,
         "precision": o.precision,
+        "host_allocator": o.host_allocator,
         "config_hash": o.config_hash,
         "compat_key": o.compat_key,
         "corpus_fingerprint": o.corpus.get("fingerprint"),

@@ -45,6 +45,7 @@ from batchsize_study.runtime import (
     resolve_precision,
     resolve_world_size,
     study_dir,
+    tune_host_allocator,
 )
 from batchsize_study.spike import DestabilisationCallback, DestabilisationDetector
 from batchsize_study.study import (
@@ -171,10 +172,13 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
     if bar is not None:
         callbacks.append(bar)
 
+    allocator = tune_host_allocator(c.host_allocator, c.trainer.get("accelerator"))
+    log.info("host allocator: %s", allocator)
     record_config = {
         **OmegaConf.to_container(OmegaConf.structured(c), resolve=True),  # type: ignore[dict-item]
         "derived": {
             **plan.as_dict(),
+            "host_allocator": allocator,
             "peak_lr": lr.peak_lr,
             "lr_source": lr.source,
             **lr.derivation,
@@ -252,6 +256,7 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
             verdict=detector.verdict,
             started_at=t0,
             precision=str(trainer.precision),
+            host_allocator=allocator,
             flops_per_token=fpt,
             peak_flops=peak,
             tokens_per_second=list(recorder.tokens_per_second),

@@ -3,8 +3,8 @@ and robust statistics.
 
 The bare loop is the reference the package is measured against: the same model class
 (``model.build_model``), the same AdamW groups, the same LR schedule, the same clipping, the
-same autocast and the same sampler order over the same token file, with nothing else: no
-Lightning, no callbacks, no loggers, no progress bar.
+same autocast, the same host allocator setting and the same sampler order over the same token
+file, with nothing else: no Lightning, no callbacks, no loggers, no progress bar.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def bare_stepper(
     from batchsize_study.batch import plan_batch
     from batchsize_study.data import SeededWindowSampler, TokenWindows, prepare_corpus
     from batchsize_study.model import build_model, param_groups
-    from batchsize_study.runtime import resolve_precision
+    from batchsize_study.runtime import resolve_precision, tune_host_allocator
     from batchsize_study.schedule import build_scheduler
 
     steps = c.max_steps
@@ -125,6 +125,8 @@ def bare_stepper(
         min_lr_ratio=s.min_lr_ratio,
     )
     precision = resolve_precision(c.precision, "gpu" if dev.type == "cuda" else "cpu")
+    # The package's allocator setting too: the comparison is of the loops, not of malloc.
+    tune_host_allocator(c.host_allocator, "gpu" if dev.type == "cuda" else "cpu")
     ds = TokenWindows(corpus.train_path, corpus.dtype, c.model.seq_len)
     accum = plan.accumulate_grad_batches
     sampler = SeededWindowSampler(len(ds), c.seed, steps * accum * c.micro_batch_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import platform
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,8 @@ def test_superconvergence_diverges_and_records_the_onset(chain):
         "metrics_csv",
     ):
         assert key in sc, key
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert sc["host_allocator"] == ("glibc: mmap and trim off" if glibc else "system")
 
 
 def test_chain_derives_y_and_z_exactly(chain):

@@ -28,6 +28,7 @@ VOLATILE = {
     "tokens_per_second",
     "mfu",
     "peak_flops",
+    "host_allocator",  # glibc's mallopt where there is one (runtime.tune_host_allocator)
     "finished_at",
     "elapsed_s",
     "_path",
