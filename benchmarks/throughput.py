@@ -3,6 +3,7 @@ against a bare PyTorch loop doing the same arithmetic.
 
     python benchmarks/throughput.py [--rounds 3] [--steps 101] [--warmup 1]
                                     [--large-steps 101] [--large-warmup 1] [--threads 0]
+                                    [--design paired|rounds] [--segment 10] [--control]
                                     [--cadence default|scaled]
                                     [--package OVERRIDE ...] [overrides ...]
 
@@ -14,18 +15,26 @@ against a bare PyTorch loop doing the same arithmetic.
     default 300-step run's 6 and 3 per 300. ``--cadence scaled`` squeezes the 300-step run's 6
     validations and 3 checkpoints into the benchmark's length: far more of them per step than any
     real run, a pessimistic ratio from shorter runs.
-(b) bare: the same model class, AdamW groups, schedule, clipping, autocast, micro batch and
-    accumulation, sampler order, validation windows and checkpoint cadence (benchmarks/_common.py
-    ``bare_stepper``), nothing else: no noise scale, no logging.
+(b) bare: the same model class, AdamW groups, schedule, clipping, autocast, host allocator
+    setting, micro batch and accumulation, sampler order, validation windows and checkpoint
+    cadence (benchmarks/_common.py ``bare_stepper``), nothing else: no noise scale, no logging.
 
-Each side runs in its own fresh interpreter (so neither sees the other's threads), one after the
-other, A B then B A in the next round, so a machine shared with other work slows both alike.
-Each side is timed by the wall clock from the end of step ``warmup`` to the end of the last step
-(validation and checkpoints in between count; start-up does not). Prints tokens/s per experiment
-(median, min..max over rounds), the per-round ratios package/bare, and as the last line
-``ratio R``: the lower of the two experiments' median per-round ratios. Also printed: the ratio of
-the median step (one step's interval, median over the timed steps): the per-step overhead alone,
-robust to a machine whose speed drifts within a run.
+Each side runs in its own fresh interpreter. ``--design paired`` (the default): in each round both
+interpreters start together (start-up untimed), then run in alternating segments of ``--segment``
+optimizer steps; while one side runs, every process of the other (wandb's service included) is
+stopped with SIGSTOP, so no thread of it runs while this side is timed, and a machine whose speed
+drifts within the round slows both sides alike. A side's time is the sum of its segments (each
+from its resume to the end of its last step, validations and checkpoints in between included).
+``--design rounds``: one whole run per side, one after the other (the earlier design: run-wide
+speed swings of this VM, up to 15 %, land on one side only). The side that goes first alternates
+between rounds. ``--control`` runs the bare loop on both sides (an A/A test): the ratios it prints
+are the design's own noise floor.
+
+Prints tokens/s per experiment (median, min..max over rounds), the per-round ratios package/bare
+(with each segment's ratio), CPU time, page faults and context switches per step for each side,
+and as the last line ``ratio R``: the lower of the two experiments' median per-round ratios. Also
+printed: the ratio of the median step (one step's interval, median over the timed steps): the
+per-step overhead alone.
 """
 
 from __future__ import annotations

@@ -1,0 +1,55 @@
+"""benchmarks/throughput.py's paired design on a smoke-sized model: both sides run in their
+segments, each prints its figures, the last line is ``ratio R``, and no worker (nor wandb's
+service) is left running or stopped. The speed figures themselves are not asserted: performance
+claims live in benchmarks/README.md, never in a timed test."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from cli_utils import REPO
+
+
+def _workers() -> list[str]:
+    """Command lines of benchmark workers still alive on this machine."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "throughput.py --worker" in cmd:
+            found.append(cmd)
+    return found
+
+
+def test_paired_throughput_runs_both_sides_in_segments():
+    cmd = [
+        sys.executable,
+        "benchmarks/throughput.py",
+        "--rounds",
+        "1",
+        "--steps",
+        "8",
+        "--segment",
+        "3",
+        "--experiments",
+        "small_batch",
+        "debug=smoke",
+        "precision=32-true",
+    ]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert re.fullmatch(r"ratio \d+\.\d{3}", lines[-1]), lines[-1]
+    # 7 timed steps in segments of 3: 3 + 3 + 1, on each side, each with its resource use
+    for side in ("package", "bare"):
+        row = next(ln for ln in lines if re.match(rf"round 1 small_batch\s+{side}\s", ln))
+        assert "(7 steps in" in row and "3 segments" in row and "page faults" in row, row
+    ratio = next(ln for ln in lines if "small_batch ratio" in ln)
+    assert len(re.findall(r"\d\.\d{3}", ratio.split("per segment")[1])) == 3, ratio
+    assert not _workers()
