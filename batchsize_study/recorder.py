@@ -14,7 +14,6 @@ import csv
 import logging
 import math
 import os
-import queue
 import threading
 import time
 from collections import deque
@@ -29,50 +28,68 @@ from batchsize_study.steps import HasStepStats, StepConsumer, StepRow
 log = logging.getLogger(__name__)
 
 
-class _LoggerThread:
-    """Hands metrics to the loggers (wandb) from one background thread, in order.
+LOGGER_FLUSH_SECONDS = 1.0
+"""How often the logger thread hands the queued rows to the loggers (and on every drain)."""
 
-    Why: ``wandb.log`` blocks its caller on a round trip to wandb's own I/O thread, a few
-    milliseconds per call; on the training thread that is a few percent of a small model's step.
-    The queue keeps the order of calls; :meth:`drain` waits until everything queued was logged.
+
+class _LoggerThread:
+    """Hands metrics to the loggers (wandb) from one background thread, in order, in batches.
+
+    Why a thread: ``wandb.log`` blocks its caller on a round trip to wandb's own I/O thread, a
+    few milliseconds per call; on the training thread that is a few percent of a small model's
+    step. Why batches: a thread woken for every step (and wandb's threads it wakes in turn) takes
+    the GIL from the training thread each time, while the other OpenMP threads wait at their next
+    barrier: on small_batch (2 CPU cores) woken per step it cost ~2 % of tokens/s
+    (benchmarks/README.md section 1). Woken once per ``LOGGER_FLUSH_SECONDS`` it logs the same
+    rows, every step, with their own step numbers; only the dashboard lags by up to a second.
+    :meth:`drain` hands over everything queued at once and waits for it.
     """
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    def __init__(self, interval: float = LOGGER_FLUSH_SECONDS) -> None:
+        self.interval = interval
+        self._items: deque[Any] = deque()
+        self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
     def put(self, loggers: list[Any], metrics: dict[str, float], step: int) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="metrics-logger", daemon=True)
             self._thread.start()
-        self._queue.put((loggers, metrics, step))
+        with self._cond:  # no notify: the thread takes the rows on its next wake
+            self._items.append((loggers, metrics, step))
 
     def drain(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             return
         done = threading.Event()
-        self._queue.put(done)
+        with self._cond:
+            self._items.append(done)
+            self._cond.notify()
         if not done.wait(timeout=300):
             log.warning("the loggers did not take the queued metrics within 300s; going on")
 
     def __getstate__(self) -> dict[str, Any]:  # a copied/pickled recorder gets its own thread
-        return {}
+        return {"interval": self.interval}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()
+        self.__init__(state.get("interval", LOGGER_FLUSH_SECONDS))
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            loggers, metrics, step = item
-            for lg in loggers:
-                try:
-                    lg.log_metrics(metrics, step=step)
-                except Exception as exc:  # a logger failing must not stop training
-                    log.warning("logger %s failed: %s", type(lg).__name__, exc)
+            with self._cond:
+                if not self._items:
+                    self._cond.wait(timeout=self.interval)
+                items, self._items = self._items, deque()
+            for item in items:
+                if isinstance(item, threading.Event):
+                    item.set()
+                    continue
+                loggers, metrics, step = item
+                for lg in loggers:
+                    try:
+                        lg.log_metrics(metrics, step=step)
+                    except Exception as exc:  # a logger failing must not stop training
+                        log.warning("logger %s failed: %s", type(lg).__name__, exc)
 
 
 class StepRecorder(pl.Callback):
