@@ -52,11 +52,11 @@ class _LoggerThread:
         self._thread: threading.Thread | None = None
 
     def put(self, loggers: list[Any], metrics: dict[str, float], step: int) -> None:
+        with self._cond:  # no notify: the thread takes the rows on its next wake
+            self._items.append((loggers, metrics, step))
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="metrics-logger", daemon=True)
             self._thread.start()
-        with self._cond:  # no notify: the thread takes the rows on its next wake
-            self._items.append((loggers, metrics, step))
 
     def drain(self) -> None:
         if self._thread is None or not self._thread.is_alive():
