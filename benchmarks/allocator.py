@@ -1,0 +1,79 @@
+"""The host allocator setting (``host_allocator``, runtime.tune_host_allocator) on the bare
+small_batch loop: page faults, kernel CPU time and peak memory per setting.
+
+    python benchmarks/allocator.py [--rounds 2] [--steps 31] [overrides ...]
+
+Each run is a fresh interpreter training ``--steps`` steps of the bare loop (benchmarks/_common.py)
+with ``host_allocator=auto`` or ``system``, alternating. Printed per run: minor page faults and
+kernel (sys) CPU seconds per step over the whole process (start-up included, the same for both),
+and the peak resident memory. The speed gain is measured paired in throughput.py
+(``--control --package host_allocator=system``); the figures here are counts, not timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+CHILD = """
+import json, resource, sys
+sys.path.insert(0, {here!r})
+from _common import bare_train, compose, quiet_environment
+quiet_environment()
+c = compose(*{overrides!r})
+t = bare_train(c, warmup=1)
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print("RESULT " + json.dumps({{"tps": t.tokens_per_second, "minflt": ru.ru_minflt,
+      "sys": ru.ru_stime, "user": ru.ru_utime, "maxrss_mb": ru.ru_maxrss / 1024}}))
+"""
+
+
+def run(setting: str, steps: int, extra: list[str]) -> dict:
+    overrides = [
+        "experiment=small_batch",
+        "lr=0.002",
+        f"max_steps={steps}",
+        "warmup_steps=3",
+        "study.dir=/tmp/bench-allocator",
+        f"host_allocator={setting}",
+        *extra,
+    ]
+    code = CHILD.format(here=str(HERE), overrides=overrides)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=31)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    got: dict[str, list[dict]] = {"auto": [], "system": []}
+    for r in range(args.rounds):
+        for setting in ("auto", "system") if r % 2 == 0 else ("system", "auto"):
+            res = run(setting, args.steps, args.overrides)
+            got[setting].append(res)
+            print(
+                f"round {r + 1} {setting:6s} page faults/step {res['minflt'] / args.steps:9,.0f}  "
+                f"sys CPU/step {1e3 * res['sys'] / args.steps:5.1f} ms  user CPU/step "
+                f"{1e3 * res['user'] / args.steps:5.0f} ms  peak RSS {res['maxrss_mb']:6.0f} MB  "
+                f"({res['tps']:,.0f} tokens/s, unpaired)",
+                flush=True,
+            )
+    med = {k: sorted(x["maxrss_mb"] for x in v)[len(v) // 2] for k, v in got.items()}
+    flt = {k: sorted(x["minflt"] for x in v)[len(v) // 2] for k, v in got.items()}
+    print(
+        f"page faults auto/system {flt['auto'] / flt['system']:.3f}; "
+        f"peak RSS auto/system {med['auto'] / med['system']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
