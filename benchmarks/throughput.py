@@ -414,6 +414,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (model=..., precision=...)")
     args = ap.parse_args()
     quiet_environment()
+    # Killed, the parent still runs paired()'s clean-up: no worker is left stopped (SIGSTOP).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"{sys.argv[0]}: terminated"))
     if args.threads:
         import torch
 
