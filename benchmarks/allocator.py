@@ -53,11 +53,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=31)
+    ap.add_argument("--settings", default="auto,system", help="comma-separated, in this order")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    got: dict[str, list[dict]] = {"auto": [], "system": []}
+    settings = [x for x in args.settings.split(",") if x]
+    got: dict[str, list[dict]] = {k: [] for k in settings}
     for r in range(args.rounds):
-        for setting in ("auto", "system") if r % 2 == 0 else ("system", "auto"):
+        for setting in settings if r % 2 == 0 else settings[::-1]:
             res = run(setting, args.steps, args.overrides)
             got[setting].append(res)
             print(
@@ -69,6 +71,8 @@ def main() -> None:
             )
     med = {k: sorted(x["maxrss_mb"] for x in v)[len(v) // 2] for k, v in got.items()}
     flt = {k: sorted(x["minflt"] for x in v)[len(v) // 2] for k, v in got.items()}
+    if set(got) != {"auto", "system"}:
+        return
     print(
         f"page faults auto/system {flt['auto'] / flt['system']:.3f}; "
         f"peak RSS auto/system {med['auto'] / med['system']:.3f}"
