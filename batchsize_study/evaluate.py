@@ -281,7 +281,9 @@ def load_test_windows(path: str, dtype: str, seq_len: int, max_windows: int | No
 
 
 def _device(accelerator: str | None) -> torch.device:
-    if torch.cuda.is_available() and accelerator in (None, "auto", "gpu", "cuda"):
+    from batchsize_study.runtime import uses_cuda
+
+    if uses_cuda(accelerator):
         return torch.device("cuda")
     return torch.device("cpu")
 

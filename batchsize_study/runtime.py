@@ -65,13 +65,17 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def uses_cuda(accelerator: str | None) -> bool:
+    """Whether Lightning will train on a CUDA device for this ``trainer.accelerator``."""
+    return torch.cuda.is_available() and accelerator in (None, "auto", "gpu", "cuda")
+
+
 def resolve_precision(setting: str, accelerator: str | None) -> str:
     """auto: bf16-mixed where the hardware runs bf16 matmuls natively (AMX/AVX512-BF16 CPUs,
     Ampere+ GPUs), 16-mixed on older GPUs, else fp32."""
     if setting != "auto":
         return setting
-    use_cuda = torch.cuda.is_available() and accelerator in (None, "auto", "gpu", "cuda")
-    if use_cuda:
+    if uses_cuda(accelerator):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     if cpu_supports_bf16():
         return "bf16-mixed"
@@ -86,8 +90,7 @@ def resolve_log_every_steps(setting: int | None, accelerator: str | None) -> int
     """null (auto): 1 on CPU (a host sync is free there), GPU_LOG_EVERY_STEPS on a GPU."""
     if setting is not None:
         return setting
-    use_cuda = torch.cuda.is_available() and accelerator in (None, "auto", "gpu", "cuda")
-    return GPU_LOG_EVERY_STEPS if use_cuda else 1
+    return GPU_LOG_EVERY_STEPS if uses_cuda(accelerator) else 1
 
 
 # glibc's mallopt parameters (malloc.h).
@@ -97,20 +100,19 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 def tune_host_allocator(setting: str, accelerator: str | None) -> str:
     """Keep freed host memory in the process when a run trains on the CPU; returns what was done.
 
-    glibc serves each allocation above its mmap threshold (at most 32 MiB) with a fresh mmap and
-    returns it with munmap on free, so a CPU step that allocates and frees its activations,
-    logits and gradients faults every page in again: ~30k minor faults per small_batch step
-    here, 13 % of its CPU time in the kernel. With mmap off (M_MMAP_MAX=0) and trimming off
-    (M_TRIM_THRESHOLD at its maximum) freed blocks are reused from the heap: the faults fall
-    ~50x, tokens/s rise 12 % and peak resident memory grows 13 % (773 -> 873 MB for a 300-step
-    small_batch run; 872 MB after 900 steps: no creep) (benchmarks/README.md section 1c). PyTorch's performance
-    tuning guide makes the same point for CPU training and recommends jemalloc or tcmalloc
-    ("Switch Memory allocator", pytorch.org/tutorials/recipes/recipes/tuning_guide.html); this
-    needs no preload. GPU runs allocate their tensors on the device: left alone."""
+    glibc hands large freed blocks back to the kernel (munmap of mmapped chunks, trimming of the
+    heap's top), so a CPU step that allocates and frees its activations, logits and gradients
+    faults their pages in again: ~34k minor faults and 60-70 ms of kernel CPU per small_batch
+    step here. With mmap off (M_MMAP_MAX=0) and trimming off (M_TRIM_THRESHOLD at its maximum)
+    freed blocks are reused from the heap: tokens/s +12 %, peak resident memory +13 % (773 ->
+    873 MB for a 300-step small_batch run; 872 MB after 900 steps: no creep; benchmarks/README.md
+    section 1c). PyTorch's performance tuning guide names the same cost for CPU training and
+    recommends jemalloc or tcmalloc ("Switch Memory allocator",
+    pytorch.org/tutorials/recipes/recipes/tuning_guide.html); this needs no preload. GPU runs
+    allocate their tensors on the device: left alone."""
     if setting == "system":
         return "system"
-    use_cuda = torch.cuda.is_available() and accelerator in (None, "auto", "gpu", "cuda")
-    if use_cuda or platform.libc_ver()[0] != "glibc":
+    if uses_cuda(accelerator) or platform.libc_ver()[0] != "glibc":
         return "system"
     try:
         libc = ctypes.CDLL(None)

@@ -17,15 +17,22 @@ class _Capture:
         self.calls.append((step, threading.current_thread().name))
 
 
+def _wait_for(lg: _Capture, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(lg.calls) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_rows_wait_for_the_interval_then_arrive_together_in_order():
     lg, t = _Capture(), _LoggerThread(interval=1.0)
     t.put([lg], {"x": 0.0}, 0)  # starts the thread, which takes step 0 at once
-    time.sleep(0.3)
+    _wait_for(lg, 1)
     assert [s for s, _ in lg.calls] == [0]
-    for step in range(1, 11):
+    for step in range(1, 11):  # the thread now sleeps for up to a second
         t.put([lg], {"x": float(step)}, step)
+    time.sleep(0.1)
     assert [s for s, _ in lg.calls] == [0]  # not woken per row: they wait for the interval
-    time.sleep(1.5)
+    _wait_for(lg, 11)
     assert [s for s, _ in lg.calls] == list(range(11))
     assert {name for _, name in lg.calls} == {"metrics-logger"}
 
