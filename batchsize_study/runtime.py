@@ -104,7 +104,8 @@ def tune_host_allocator(setting: str, accelerator: str | None) -> str:
     heap's top), so a CPU step that allocates and frees its activations, logits and gradients
     faults their pages in again: ~34k minor faults and 60-70 ms of kernel CPU per small_batch
     step here. With mmap off (M_MMAP_MAX=0) and trimming off (M_TRIM_THRESHOLD at its maximum)
-    freed blocks are reused from the heap: tokens/s +12 %, peak resident memory +13 % (773 ->
+    freed blocks are reused from the heap: tokens/s +12 % (paired, bare loop; +1 to +17 % in
+    the default study's records), peak resident memory +13 % (773 ->
     873 MB for a 300-step small_batch run; 872 MB after 900 steps: no creep; benchmarks/README.md
     section 1c). PyTorch's performance tuning guide names the same cost for CPU training and
     recommends jemalloc or tcmalloc ("Switch Memory allocator",
