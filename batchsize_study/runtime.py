@@ -9,6 +9,7 @@ import os
 import platform
 import tempfile
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -163,14 +164,17 @@ def compat_key(c: Config, corpus_fingerprint: str) -> str:
 def check_writable(sdir: str) -> None:
     """Fail before any work when the study folder cannot take a file (read-only, not a folder).
 
-    Folders created only for the probe are removed again, so a run refused later (a missing
-    upstream record, a bad split) leaves nothing behind.
+    The probe file goes into the deepest folder that already exists on the way to the runs
+    folder; nothing is created, so a run refused later (a missing upstream record, a bad split)
+    leaves nothing behind, and jobs of one multirun starting together (submitit, joblib) cannot
+    remove a folder another job is probing or about to write to.
     """
-    runs = runs_dir(sdir)
-    created = [p for p in (runs, *runs.parents) if not p.exists()]
+    target = runs_dir(sdir)
+    probe_dir = next((p for p in (target, *target.parents) if p.exists()), Path("/"))
     try:
-        runs.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=runs)
+        if not probe_dir.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe_dir))
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=probe_dir)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
@@ -178,9 +182,3 @@ def check_writable(sdir: str) -> None:
             f"study.dir={sdir}: cannot write there ({exc.strerror or exc}); choose a writable folder "
             "with study.dir=<path>"
         ) from None
-    finally:
-        for folder in created:  # innermost first
-            try:
-                folder.rmdir()
-            except OSError:
-                break

@@ -195,6 +195,26 @@ def test_unwritable_study_dir_is_refused_before_any_work(tmp_path):
     assert line.startswith("error: study.dir") and "writable" in line and str(blocker) in line
 
 
+def test_write_probe_creates_nothing_and_survives_jobs_starting_together(tmp_path):
+    """Jobs of one multirun (submitit, joblib) probe the same new study folder at once.
+
+    The probe used to create the runs folder and remove it again, so one job could remove the
+    folder another was writing its probe file into (CI: "cannot write there (No such file or
+    directory)" from submitit_local). Many probes at once must all pass and leave nothing.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from batchsize_study.runtime import check_writable
+
+    study = tmp_path / "new" / "study"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: check_writable(str(study)), range(400)))
+    assert not (tmp_path / "new").exists()
+    (study / "runs").mkdir(parents=True)  # another job's folder, already in use
+    check_writable(str(study))
+    assert (study / "runs").is_dir() and not list((study / "runs").iterdir())
+
+
 def _limit_file_size(max_bytes: int):
     def apply() -> None:
         # Writes past max_bytes fail with EFBIG (instead of SIGXFSZ killing the process): a
