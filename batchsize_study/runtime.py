@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from batchsize_study.batch import BatchPlan, plan_batch
 from batchsize_study.config import Config
 from batchsize_study.errors import UserError
-from batchsize_study.study import runs_dir, stable_hash
+from batchsize_study.study import precheck_upstream, runs_dir, stable_hash
 
 # Keys that do not change what a run computes: excluded from its configuration hash.
 _NOT_HASHED = (
@@ -182,3 +183,19 @@ def check_writable(sdir: str) -> None:
             f"study.dir={sdir}: cannot write there ({exc.strerror or exc}); choose a writable folder "
             "with study.dir=<path>"
         ) from None
+
+
+def precheck_run(c: Config) -> tuple[str, int, BatchPlan]:
+    """The checks of a training run that need neither the corpus nor Lightning: world size,
+    batch split, a writable study folder, the upstream record. (study dir, world, plan).
+
+    ``experiments.run`` calls this before it imports the training stack (Lightning,
+    transformers, datasets: ~15 s on 2 cores), so these mistakes cost a second, not a start-up;
+    :func:`training.train` calls it again for callers that enter there (probe, sweep).
+    """
+    sdir = study_dir(c)
+    world = resolve_world_size(c.trainer)
+    plan = plan_batch(c.batch_size, c.micro_batch_size, world, c.model.seq_len, c.max_steps)
+    check_writable(sdir)
+    precheck_upstream(c, sdir)
+    return sdir, world, plan

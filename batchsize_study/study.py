@@ -301,3 +301,19 @@ def derive_lr(c: Config, sdir: str, key: str) -> LRChoice:
         f"^{c.lr_scaling.alpha} ({small_up.selection}) from {', '.join(small_up.paths)}"
     )
     return LRChoice(z, source, extra)
+
+
+def precheck_upstream(c: Config, sdir: str) -> None:
+    """Refuse at once, before the corpus is prepared, when the record this run derives its LR
+    from cannot exist: no superconvergence record at all (small_batch), no small_batch record
+    (large_batch). Which record matches model and corpus is decided after preparation."""
+    if c.lr is not None or c.upstream_wait_seconds > 0:
+        return
+    needs = {"small_batch": "superconvergence", "large_batch": "small_batch"}.get(c.task)
+    if needs is None:
+        return
+    if not read_records(sdir, needs):
+        raise UpstreamError(
+            f"study.dir={sdir}: no {needs} record; run `python -m batchsize_study "
+            f"experiment={needs}` first (same study.dir), or give lr=<number>"
+        )

@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 from omegaconf import OmegaConf
 
-from batchsize_study.batch import BatchPlan, plan_batch
+from batchsize_study.batch import BatchPlan
 from batchsize_study.checkpointing import (
     AtomicCheckpointIO,
     Preempted,
@@ -28,7 +28,7 @@ from batchsize_study.checkpointing import (
 )
 from batchsize_study.config import Config, OptimConfig
 from batchsize_study.data import TokenDataModule, prepare_corpus
-from batchsize_study.errors import ConfigError, UpstreamError, UserError
+from batchsize_study.errors import ConfigError, UserError
 from batchsize_study.flops import flops_per_token, peak_flops_per_device
 from batchsize_study.metrics import METRICS
 from batchsize_study.model import CausalLMModule
@@ -38,13 +38,11 @@ from batchsize_study.record import RunOutcome, announce, build_record, existing_
 from batchsize_study.recorder import StepRecorder
 from batchsize_study.runtime import (
     WRITE_ERRNOS,
-    check_writable,
     compat_key,
     config_hash,
+    precheck_run,
     resolve_log_every_steps,
     resolve_precision,
-    resolve_world_size,
-    study_dir,
     tune_host_allocator,
 )
 from batchsize_study.spike import DestabilisationCallback, DestabilisationDetector
@@ -53,7 +51,6 @@ from batchsize_study.study import (
     adam_sde_hparams,
     derive_lr,
     make_run_id,
-    read_records,
     runs_dir,
     write_json_atomic,
 )
@@ -68,13 +65,9 @@ MEASURES_NOISE = ("small_batch", "large_batch")
 def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, Any]:
     """One training run; ``extra_record`` joins the record's derivation (e.g. a probe's multiple)."""
     t0 = time.time()
-    sdir = study_dir(c)
     # Checks that need no corpus come first: a wrong batch split or a missing upstream record
     # costs one line, not a corpus preparation.
-    world = resolve_world_size(c.trainer)
-    plan = plan_batch(c.batch_size, c.micro_batch_size, world, c.model.seq_len, c.max_steps)
-    check_writable(sdir)
-    precheck_upstream(c, sdir)
+    sdir, world, plan = precheck_run(c)
 
     corpus = prepare_corpus(c.data, c.model.seq_len)
     key = compat_key(c, corpus.fingerprint)
@@ -289,22 +282,6 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
 
 
 # ---------------------------------------------------------------- before any work
-
-
-def precheck_upstream(c: Config, sdir: str) -> None:
-    """Refuse at once, before the corpus is prepared, when the record this run derives its LR
-    from cannot exist: no superconvergence record at all (small_batch), no small_batch record
-    (large_batch). Which record matches model and corpus is decided after preparation."""
-    if c.lr is not None or c.upstream_wait_seconds > 0:
-        return
-    needs = {"small_batch": "superconvergence", "large_batch": "small_batch"}.get(c.task)
-    if needs is None:
-        return
-    if not read_records(sdir, needs):
-        raise UpstreamError(
-            f"study.dir={sdir}: no {needs} record; run `python -m batchsize_study "
-            f"experiment={needs}` first (same study.dir), or give lr=<number>"
-        )
 
 
 def _noise_split(c: Config, plan: BatchPlan, world: int, derivation: dict[str, Any]) -> int:
