@@ -53,3 +53,27 @@ def test_paired_throughput_runs_both_sides_in_segments():
     ratio = next(ln for ln in lines if "small_batch ratio" in ln)
     assert len(re.findall(r"\d\.\d{3}", ratio.split("per segment")[1])) == 3, ratio
     assert not _workers()
+
+
+def test_noise_overhead_reads_measured_steps_from_a_run(tmp_path):
+    """``noise_overhead.py --metrics``: metrics.csv's step s is global step s - 1, so with
+    split_every=4 the measured rows are steps 1, 5, 9, ...; here they run at half the speed."""
+    from batchsize_study.metrics import CSV_FIELDS
+
+    rows = [",".join(CSV_FIELDS)]
+    for s in range(1, 101):
+        row = dict.fromkeys(CSV_FIELDS, "")
+        row.update(step=s, train_loss=3.0, tokens_per_second=500 if (s - 1) % 4 == 0 else 1000)
+        rows.append(",".join(str(row[k]) for k in CSV_FIELDS))
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    res = subprocess.run(
+        [sys.executable, "benchmarks/noise_overhead.py", "--metrics", str(csv_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "measured steps 500 tokens/s (n=20), others 1,000 (n=60)" in res.stdout, res.stdout
+    assert "+100.0% longer; over the run +25.0% time" in res.stdout
