@@ -77,3 +77,22 @@ def test_noise_overhead_reads_measured_steps_from_a_run(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "measured steps 500 tokens/s (n=20), others 1,000 (n=60)" in res.stdout, res.stdout
     assert "+100.0% longer; over the run +25.0% time" in res.stdout
+
+
+def test_gpu_script_skips_what_its_budget_cannot_hold(tmp_path):
+    """gpu.sh on a budget too small for any part: every part is skipped, listed, and it exits 0
+    (a device call must always return what it has)."""
+    res = subprocess.run(
+        ["bash", "benchmarks/gpu.sh"],
+        cwd=REPO,
+        env={**os.environ, "TINY": "1", "BUDGET": "30", "OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    skipped = (tmp_path / "skipped.txt").read_text().splitlines()
+    parts = ("corpus", "eager throughput", "smoke study", "compiled throughput")
+    assert [line.split(" skipped")[0] for line in skipped] == [f"--- {p}" for p in parts]
+    for f in tmp_path.glob("throughput_*.txt"):  # each says why it holds no figure
+        assert f.read_text().startswith("--- ") and "skipped" in f.read_text()
