@@ -80,6 +80,7 @@ def bare_stepper(
     ckpt_dir: str | None = None,
     validate: bool = False,
     sync_steps: Collection[int] | None = None,
+    noise_split: bool = False,
 ) -> Iterator[int]:
     """The bare loop as a generator: yields the tokens of each optimizer step once it is done
     (after a device sync), for ``c.max_steps`` steps. Setup runs on the first ``next``.
@@ -92,10 +93,13 @@ def bare_stepper(
     validations and checkpoints of steps a .. b-1, as the package's interval does.
     ``sync_steps``: the steps after which the device is synchronised before yielding (None: every
     step); a timer that reads the clock only at those steps lets the host run ahead elsewhere.
+    ``noise_split``: where the package would split a step for the noise scale (one micro-batch,
+    one device: ``noise.split_every``-th steps), run its backward in ``noise.split`` pieces too.
     """
     from batchsize_study.batch import plan_batch
     from batchsize_study.data import SeededWindowSampler, TokenWindows, prepare_corpus
     from batchsize_study.model import build_model, param_groups
+    from batchsize_study.noise import splits_step
     from batchsize_study.runtime import resolve_precision, tune_host_allocator
     from batchsize_study.schedule import build_scheduler
 
@@ -141,15 +145,20 @@ def bare_stepper(
     val = TokenWindows(corpus.val_path, corpus.dtype, c.model.seq_len, c.data.val_max_windows)
     val_loader = torch.utils.data.DataLoader(val, batch_size=c.micro_batch_size)
     batches = iter(loader)
+    n = c.noise
+    can_split = noise_split and n.enabled and n.split > 1 and accum == 1
+    can_split = can_split and c.micro_batch_size % n.split == 0
     for step in range(1, steps + 1):
+        pieces = n.split if can_split and splits_step(step - 1, n.split_every) else 1
         for _ in range(accum):
             batch = next(batches).to(dev, non_blocking=True)
-            with autocast_for(precision, dev):
-                logits = forward(input_ids=batch[:, :-1]).logits
-                loss = F.cross_entropy(
-                    logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)
-                )
-            (loss / accum).backward()
+            for part in batch.chunk(pieces):
+                with autocast_for(precision, dev):
+                    logits = forward(input_ids=part[:, :-1]).logits
+                    loss = F.cross_entropy(
+                        logits.float().reshape(-1, logits.size(-1)), part[:, 1:].reshape(-1)
+                    )
+                (loss / (accum * pieces)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         opt.step()
         sched.step()

@@ -4,7 +4,7 @@ against a bare PyTorch loop doing the same arithmetic.
     python benchmarks/throughput.py [--rounds 3] [--steps 101] [--warmup 1]
                                     [--large-steps 101] [--large-warmup 1] [--threads 0]
                                     [--design paired|rounds] [--segment 10] [--control]
-                                    [--staggered-start]
+                                    [--staggered-start] [--bare-split]
                                     [--cadence default|scaled]
                                     [--package OVERRIDE ...] [overrides ...]
 
@@ -19,6 +19,9 @@ against a bare PyTorch loop doing the same arithmetic.
 (b) bare: the same model class, AdamW groups, schedule, clipping, autocast, host allocator
     setting, micro batch and accumulation, sampler order, validation windows and checkpoint
     cadence (benchmarks/_common.py ``bare_stepper``), nothing else: no noise scale, no logging.
+    ``--bare-split``: it also runs small_batch's split steps (every ``noise.split_every``-th
+    step's micro-batch in ``noise.split`` pieces, no hooks), so the ratio prices the package
+    alone, not the measurement's arithmetic.
 
 Each side runs in its own fresh interpreter. ``--design paired`` (the default): in each round both
 interpreters start together (start-up untimed), then run in alternating segments of ``--segment``
@@ -155,7 +158,9 @@ class Segments:
         print(line, flush=True)
 
 
-def worker(side: str, overrides: list[str], warmup: int, seg: Segments) -> dict:
+def worker(
+    side: str, overrides: list[str], warmup: int, seg: Segments, bare_split: bool = False
+) -> dict:
     """One side, in this interpreter: tokens/s over its timed segments after step ``warmup``."""
     import torch
 
@@ -169,7 +174,9 @@ def worker(side: str, overrides: list[str], warmup: int, seg: Segments) -> dict:
             # The device is synchronised only where the clock is read (the package's recorder
             # syncs once per logger.log_every_steps and always at the last step).
             sync = {s for s in range(1, c.max_steps + 1) if seg.boundary(s)}
-            stepper = bare_stepper(c, ckpt_dir=tmp, validate=True, sync_steps=sync)
+            stepper = bare_stepper(
+                c, ckpt_dir=tmp, validate=True, sync_steps=sync, noise_split=bare_split
+            )
             for step, _ in enumerate(stepper, start=1):
                 seg.mark(step)
             tokens_per_step = c.batch_size * c.model.seq_len
@@ -404,6 +411,12 @@ def main() -> None:
         help="run the bare loop on both sides (an A/A test): the design's own noise floor",
     )
     ap.add_argument(
+        "--bare-split",
+        action="store_true",
+        help="the bare loop also runs the noise scale's split steps (the same arithmetic as the "
+        "package's measurement, without its hooks): the ratio then prices the package alone",
+    )
+    ap.add_argument(
         "--staggered-start",
         action="store_true",
         help="paired design: start the second interpreter only once the first is paused",
@@ -422,7 +435,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.worker:
         seg = Segments(args.warmup, 0, args.segment, args.ctl_fd, args.go_fd)
-        seg.result(worker(args.worker, args.overrides, args.warmup, seg))
+        seg.result(worker(args.worker, args.overrides, args.warmup, seg, args.bare_split))
         return
 
     plans = {
@@ -454,6 +467,8 @@ def main() -> None:
         print("CONTROL: the bare loop on both sides (labelled package and bare)", flush=True)
     if args.package:
         print(f"package side only: {' '.join(args.package)}", flush=True)
+    if args.bare_split:
+        print("bare loop: runs the noise scale's split steps too (--bare-split)", flush=True)
     if args.design == "paired":
         print(
             f"{args.rounds} rounds; in each, both sides' interpreters alive, run in alternating "
@@ -479,6 +494,8 @@ def main() -> None:
                 runs = "bare" if args.control else side
                 cmds[side] = _command(runs, overrides, warmup, args.threads)
                 cmds[side] += ["--segment", str(args.segment)]
+                if args.bare_split:
+                    cmds[side].append("--bare-split")
             if args.design == "paired":
                 got = paired(order, cmds, steps, args.staggered_start)
             else:
