@@ -80,7 +80,7 @@ def bare_stepper(
     ckpt_dir: str | None = None,
     validate: bool = False,
     sync_steps: Collection[int] | None = None,
-    noise_split: bool = False,
+    noise: bool = False,
 ) -> Iterator[int]:
     """The bare loop as a generator: yields the tokens of each optimizer step once it is done
     (after a device sync), for ``c.max_steps`` steps. Setup runs on the first ``next``.
@@ -93,8 +93,11 @@ def bare_stepper(
     validations and checkpoints of steps a .. b-1, as the package's interval does.
     ``sync_steps``: the steps after which the device is synchronised before yielding (None: every
     step); a timer that reads the clock only at those steps lets the host run ahead elsewhere.
-    ``noise_split``: where the package would split a step for the noise scale (one micro-batch,
-    one device: ``noise.split_every``-th steps), run its backward in ``noise.split`` pieces too.
+    ``noise``: the noise scale's arithmetic too, without the package's machinery: where the
+    package splits a step (one micro-batch, one device: every ``noise.split_every``-th step) the
+    backward runs in ``noise.split`` pieces, and on every step that holds two batch sizes each
+    piece's or micro-batch's squared gradient norm is summed by a hook per parameter and the two
+    EMAs are updated, as ``noise.NoiseScaleCallback`` does.
     """
     from batchsize_study.batch import plan_batch
     from batchsize_study.data import SeededWindowSampler, TokenWindows, prepare_corpus
@@ -146,10 +149,22 @@ def bare_stepper(
     val_loader = torch.utils.data.DataLoader(val, batch_size=c.micro_batch_size)
     batches = iter(loader)
     n = c.noise
-    can_split = noise_split and n.enabled and n.split > 1 and accum == 1
-    can_split = can_split and c.micro_batch_size % n.split == 0
+    noise = noise and n.enabled
+    can_split = noise and n.split > 1 and accum == 1 and c.micro_batch_size % n.split == 0
+    measuring = False
+    sq = torch.zeros((), device=dev)
+    emas = torch.zeros(2, device=dev)
+
+    def on_grad(grad: torch.Tensor) -> None:
+        if measuring:
+            sq.add_(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square())
+
+    if noise:
+        for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+            p.register_hook(on_grad)
     for step in range(1, steps + 1):
         pieces = n.split if can_split and splits_step(step - 1, n.split_every) else 1
+        measuring = noise and accum * pieces > 1
         for _ in range(accum):
             batch = next(batches).to(dev, non_blocking=True)
             for part in batch.chunk(pieces):
@@ -159,7 +174,11 @@ def bare_stepper(
                         logits.float().reshape(-1, logits.size(-1)), part[:, 1:].reshape(-1)
                     )
                 (loss / (accum * pieces)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if measuring:  # mean |g_small|^2 and |g_big|^2 into their EMAs (noise.py)
+            both = torch.stack([sq * accum * pieces, norm.float().square()])
+            emas.mul_(n.ema).add_((1 - n.ema) * both)
+            sq.zero_()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

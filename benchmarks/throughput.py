@@ -4,7 +4,7 @@ against a bare PyTorch loop doing the same arithmetic.
     python benchmarks/throughput.py [--rounds 3] [--steps 101] [--warmup 1]
                                     [--large-steps 101] [--large-warmup 1] [--threads 0]
                                     [--design paired|rounds] [--segment 10] [--control]
-                                    [--staggered-start] [--bare-split]
+                                    [--staggered-start] [--bare-noise]
                                     [--cadence default|scaled]
                                     [--package OVERRIDE ...] [overrides ...]
 
@@ -19,9 +19,9 @@ against a bare PyTorch loop doing the same arithmetic.
 (b) bare: the same model class, AdamW groups, schedule, clipping, autocast, host allocator
     setting, micro batch and accumulation, sampler order, validation windows and checkpoint
     cadence (benchmarks/_common.py ``bare_stepper``), nothing else: no noise scale, no logging.
-    ``--bare-split``: it also runs small_batch's split steps (every ``noise.split_every``-th
-    step's micro-batch in ``noise.split`` pieces, no hooks), so the ratio prices the package
-    alone, not the measurement's arithmetic.
+    ``--bare-noise``: it also does the noise scale's arithmetic (small_batch's split steps, the
+    per-parameter squared norms on every step that holds two batch sizes, the EMAs), so the ratio
+    prices the package alone, not the measurement.
 
 Each side runs in its own fresh interpreter. ``--design paired`` (the default): in each round both
 interpreters start together (start-up untimed), then run in alternating segments of ``--segment``
@@ -159,7 +159,7 @@ class Segments:
 
 
 def worker(
-    side: str, overrides: list[str], warmup: int, seg: Segments, bare_split: bool = False
+    side: str, overrides: list[str], warmup: int, seg: Segments, bare_noise: bool = False
 ) -> dict:
     """One side, in this interpreter: tokens/s over its timed segments after step ``warmup``."""
     import torch
@@ -175,7 +175,7 @@ def worker(
             # syncs once per logger.log_every_steps and always at the last step).
             sync = {s for s in range(1, c.max_steps + 1) if seg.boundary(s)}
             stepper = bare_stepper(
-                c, ckpt_dir=tmp, validate=True, sync_steps=sync, noise_split=bare_split
+                c, ckpt_dir=tmp, validate=True, sync_steps=sync, noise=bare_noise
             )
             for step, _ in enumerate(stepper, start=1):
                 seg.mark(step)
@@ -411,10 +411,10 @@ def main() -> None:
         help="run the bare loop on both sides (an A/A test): the design's own noise floor",
     )
     ap.add_argument(
-        "--bare-split",
+        "--bare-noise",
         action="store_true",
-        help="the bare loop also runs the noise scale's split steps (the same arithmetic as the "
-        "package's measurement, without its hooks): the ratio then prices the package alone",
+        help="the bare loop also does the noise scale's arithmetic (split steps, per-parameter "
+        "norms, EMAs) without the package's machinery: the ratio then prices the package alone",
     )
     ap.add_argument(
         "--staggered-start",
@@ -435,7 +435,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.worker:
         seg = Segments(args.warmup, 0, args.segment, args.ctl_fd, args.go_fd)
-        seg.result(worker(args.worker, args.overrides, args.warmup, seg, args.bare_split))
+        seg.result(worker(args.worker, args.overrides, args.warmup, seg, args.bare_noise))
         return
 
     plans = {
@@ -467,8 +467,8 @@ def main() -> None:
         print("CONTROL: the bare loop on both sides (labelled package and bare)", flush=True)
     if args.package:
         print(f"package side only: {' '.join(args.package)}", flush=True)
-    if args.bare_split:
-        print("bare loop: runs the noise scale's split steps too (--bare-split)", flush=True)
+    if args.bare_noise:
+        print("bare loop: does the noise scale's arithmetic too (--bare-noise)", flush=True)
     if args.design == "paired":
         print(
             f"{args.rounds} rounds; in each, both sides' interpreters alive, run in alternating "
@@ -494,8 +494,8 @@ def main() -> None:
                 runs = "bare" if args.control else side
                 cmds[side] = _command(runs, overrides, warmup, args.threads)
                 cmds[side] += ["--segment", str(args.segment)]
-                if args.bare_split:
-                    cmds[side].append("--bare-split")
+                if args.bare_noise:
+                    cmds[side].append("--bare-noise")
             if args.design == "paired":
                 got = paired(order, cmds, steps, args.staggered_start)
             else:
