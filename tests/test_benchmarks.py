@@ -39,6 +39,7 @@ def test_paired_throughput_runs_both_sides_in_segments():
         "3",
         "--experiments",
         "small_batch",
+        "--bare-noise",  # the bare side's noise arithmetic (split steps, norm hooks) runs too
         "debug=smoke",
         "precision=32-true",
     ]
@@ -46,6 +47,7 @@ def test_paired_throughput_runs_both_sides_in_segments():
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
     assert re.fullmatch(r"ratio \d+\.\d{3}", lines[-1]), lines[-1]
+    assert "bare loop: does the noise scale's arithmetic too (--bare-noise)" in lines
     # 7 timed steps in segments of 3: 3 + 3 + 1, on each side, each with its resource use
     for side in ("package", "bare"):
         row = next(ln for ln in lines if re.match(rf"round 1 small_batch\s+{side}\s", ln))
