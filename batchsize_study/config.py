@@ -713,8 +713,8 @@ class Config:
     """auto: a run training on the CPU under glibc keeps freed memory in the process instead of
     handing every large tensor back to the kernel and faulting it in again on the next step
     (runtime.tune_host_allocator; small_batch: ~34k page faults per step without it; with it +12 %
-    tokens/s in a paired bare-loop test, +1 to +17 % in the default study's records, +13 % peak
-    memory; benchmarks/README.md section 1c). system: leave malloc as it is."""
+    tokens/s in a paired bare-loop test, +1 to +17 % in the default study's records; peak memory
+    +5.5 % on the package's small_batch run, +13 % on the bare loop; benchmarks/README.md 1c). system: leave malloc as it is."""
     peak_flops: float | None = None
     """Override the per-device peak FLOP/s used for MFU."""
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -47,13 +47,25 @@ MODELS = {
 }
 
 
-def fwd_bwd(model: torch.nn.Module, x: torch.Tensor, chunks: int = 1) -> None:
+def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy on fp32 logits, as the module's loss."""
+    logits = model(input_ids=batch[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)
+    )
+
+
+def fwd_bwd(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    chunks: int = 1,
+    ctx=nullcontext,  # noqa: ANN001
+) -> None:
+    """Forward+backward of ``x`` in ``chunks`` pieces (each loss / chunks), under ``ctx()``."""
     for c in x.chunk(chunks):
-        logits = model(input_ids=c[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), c[:, 1:].reshape(-1)
-        )
-        (loss / chunks).backward()
+        with ctx():
+            loss = next_token_loss(model, c) / chunks
+        loss.backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -220,19 +232,13 @@ def onepass() -> None:
     rec = _Halves(2)
     forwards = _onepass_forwards(model, rec)
 
-    def loss_of(batch: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=batch[:, :-1]).logits
-        return torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)
-        )
-
     def halves_in_one_pass(ctx) -> torch.Tensor:  # noqa: ANN001
         rec.grads.clear()
         for mod, fwd in forwards.items():
             mod.forward = fwd
         try:
             with ctx:
-                loss = loss_of(x)
+                loss = next_token_loss(model, x)
             loss.backward()
         finally:
             for mod in forwards:
@@ -242,7 +248,7 @@ def onepass() -> None:
 
     split_sq = 0.0
     for half in x.chunk(2):  # the split, fp32: each half's loss / 2, as backward_in_pieces
-        (loss_of(half) / 2).backward()
+        (next_token_loss(model, half) / 2).backward()
         split_sq += float(sum(p.grad.square().sum() for p in model.parameters()))
         model.zero_grad(set_to_none=True)
     one_sq = float(halves_in_one_pass(nullcontext()))
@@ -250,17 +256,15 @@ def onepass() -> None:
         f"check (fp32): sum of the halves' |g|^2 split {split_sq:.6g}, one pass {one_sq:.6g} "
         f"(rel. diff {abs(one_sq / split_sq - 1):.1e})"
     )
-    bf16 = autocast_for("bf16-mixed", torch.device("cpu"))
 
-    def step(chunks: int) -> None:
-        for c in x.chunk(chunks):
-            with autocast_for("bf16-mixed", torch.device("cpu")):
-                loss = loss_of(c) / chunks
-            loss.backward()
-        model.zero_grad(set_to_none=True)
+    def bf16() -> object:
+        return autocast_for("bf16-mixed", torch.device("cpu"))
 
-    runs = {"16 x 1": lambda: step(1), "2 x 8 (split)": lambda: step(2)}
-    runs["16 one-pass"] = lambda: halves_in_one_pass(bf16)
+    runs = {
+        "16 x 1": lambda: fwd_bwd(model, x, 1, bf16),
+        "2 x 8 (split)": lambda: fwd_bwd(model, x, 2, bf16),
+        "16 one-pass": lambda: halves_in_one_pass(bf16()),
+    }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for f in runs.values():
         f()

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import torch
 from cli_utils import REPO
 
 
@@ -98,3 +99,41 @@ def test_gpu_script_skips_what_its_budget_cannot_hold(tmp_path):
     assert [line.split(" skipped")[0] for line in skipped] == [f"--- {p}" for p in parts]
     for f in tmp_path.glob("throughput_*.txt"):  # each says why it holds no figure
         assert f.read_text().startswith("--- ") and "skipped" in f.read_text()
+
+
+def test_bare_loop_with_noise_does_the_measurements_arithmetic(monkeypatch, tmp_path):
+    """``bare_stepper(noise=True)`` (throughput.py --bare-noise) runs small_batch's split steps
+    (global steps 0 and 4 of 8: one extra forward each) and a squared-norm hook per parameter
+    and piece on those steps only; ``noise=False`` does neither."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import _common
+
+    from batchsize_study.model import build_model
+
+    forwards, hook_norms = [], []
+    ce, vn = _common.F.cross_entropy, torch.linalg.vector_norm
+
+    def counted_ce(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        forwards.append(1)
+        return ce(*a, **k)
+
+    def counted_vn(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        if k.get("dtype") is torch.float32:  # the hook's call (clipping passes no dtype)
+            hook_norms.append(1)
+        return vn(*a, **k)
+
+    monkeypatch.setattr(_common.F, "cross_entropy", counted_ce)
+    monkeypatch.setattr(torch.linalg, "vector_norm", counted_vn)
+    c = _common.compose(
+        "debug=smoke", "experiment=small_batch", "lr=0.003", "max_steps=8",
+        "precision=32-true", f"study.dir={tmp_path}",
+    )  # fmt: skip
+    assert c.micro_batch_size == c.batch_size and c.noise.split_every == 4
+    params = len({id(p) for p in build_model(c.model, 512).parameters()})
+    list(_common.bare_stepper(c, noise=False))
+    assert len(forwards) == 8 and not hook_norms
+    forwards.clear()
+    list(_common.bare_stepper(c, noise=True))
+    measured = 2  # global steps 0 and 4
+    assert len(forwards) == 8 + measured * (c.noise.split - 1)
+    assert len(hook_norms) == measured * c.noise.split * params
