@@ -46,7 +46,8 @@ class Verdict:
     alarm_step: int | None = None
     reason: str = ""
     definition: str = ""
-    """Which onset rule produced onset_step/onset_lr (``rise`` or ``min_loss``, + ``lag``)."""
+    """Which onset rule produced onset_step/onset_lr (``rise``, ``min_loss`` or ``plateau``, +
+    ``lag``)."""
 
 
 STABLE = Verdict(False)
@@ -115,16 +116,33 @@ class DestabilisationDetector:
             entry = next((h for h in reversed(self._history) if h[2] <= limit), entry)
         return (entry[3], entry[4]) if self.lag_correction else (entry[0], entry[1])
 
+    def _last_finite_onset(self, step: int, lr: float) -> tuple[int, float]:
+        """The onset when the loss at ``step`` is non-finite: that step has no smoothed loss, so
+        the rules read the finite steps before it, exactly as the finite alarm does.
+
+        With a best already tracked that is :meth:`_onset` (``rise``: the last step still within
+        tolerance of the best, which is the last finite step when the loss had not risen; lagged
+        if asked). Within ``ignore_first`` there is no best yet: the last finite step (its lagged
+        step if asked), as the loss was still falling there. Only when no loss was finite at all
+        is the non-finite step itself reported (training.py formats the onset's LR, so a None
+        would break the record).
+        """
+        if self._history:
+            return self._onset()
+        if self._recent:  # the newest entry is the last finite step, the oldest its lagged step
+            return self._recent[0] if self.lag_correction else self._recent[-1]
+        return step, lr
+
     def update(self, step: int, lr: float, loss: float) -> Verdict:
+        """Feed one optimizer step's (unsmoothed) training loss; returns the verdict so far."""
         if self._verdict.destabilised:
             return self._verdict
         if not math.isfinite(loss):
-            known = self._history and (self._above > 0 or self.onset != "rise")
-            onset = self._onset() if known else (step, lr)
+            onset_step, onset_lr = self._last_finite_onset(step, lr)
             self._verdict = Verdict(
                 True,
-                onset[0],
-                onset[1],
+                onset_step,
+                onset_lr,
                 step,
                 f"non-finite loss ({loss}) at step {step}",
                 self.definition,

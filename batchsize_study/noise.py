@@ -125,7 +125,9 @@ class NoiseScaleCallback(pl.Callback):
     batch. ``ema``: EMA factor (bias-corrected). ``split_every``: the module splits only every
     this many steps (:func:`splits_step`); only those are measured and the hooks idle on the
     others. None: every step holds two batch sizes (accumulation or several ranks).
-    Results: :attr:`summary` after training.
+    A step whose squared norms are not finite (e.g. an fp16 overflow the scaler skips) is not
+    measured: it changes neither the EMAs and totals nor the step count their bias correction and
+    means divide by. Results: :attr:`summary` after training.
     """
 
     def __init__(
@@ -143,7 +145,11 @@ class NoiseScaleCallback(pl.Callback):
         self._big: torch.Tensor | None = None  # EMA of |g_big|^2
         self._sum_small: torch.Tensor | None = None  # run totals, for the whole-run estimate
         self._sum_big: torch.Tensor | None = None
+        # Steps that reached the update (host: whether there is anything to read, no sync) and,
+        # on the device, those of them that were measured (finite): the bias correction and the
+        # run means count only the latter, so a skipped step changes nothing.
         self._steps = 0
+        self._measured: torch.Tensor | None = None
         self._blocks: torch.Tensor | None = None  # (BLOCKS, 3): sum small, sum big, steps
         self._max_steps = 1
         self.block_sums: list[list[float]] = []
@@ -167,6 +173,7 @@ class NoiseScaleCallback(pl.Callback):
         self._small, self._big = scalar("small"), scalar("big")
         self._sum_small, self._sum_big = scalar("sum_small"), scalar("sum_big")
         self._steps = int(saved.get("steps", 0))
+        self._measured = scalar("steps")
         self._blocks = torch.tensor(
             saved.get("blocks", [[0.0, 0.0, 0.0]] * BLOCKS), device=dev, dtype=torch.float32
         )
@@ -235,6 +242,8 @@ class NoiseScaleCallback(pl.Callback):
         k = min(BLOCKS - 1, (trainer.global_step - 1) * BLOCKS // self._max_steps)
         row = torch.stack([small, big, torch.ones_like(small)])
         self._blocks[k].add_(torch.where(ok, row, torch.zeros_like(row)))
+        assert self._measured is not None
+        self._measured.add_(ok.float())
         self._steps += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -243,12 +252,13 @@ class NoiseScaleCallback(pl.Callback):
         if self._small is None:
             return {}
         assert self._big is not None and self._sum_small is not None and self._sum_big is not None
+        assert self._measured is not None
         return {
             "small": float(self._small),
             "big": float(self._big),
             "sum_small": float(self._sum_small),
             "sum_big": float(self._sum_big),
-            "steps": self._steps,
+            "steps": round(float(self._measured)),  # measured steps: the EMAs' and sums' count
             "blocks": self._blocks.tolist() if self._blocks is not None else None,
         }
 
@@ -273,10 +283,12 @@ class NoiseScaleCallback(pl.Callback):
         if not collective and trainer.world_size > 1:
             return {}
         assert self._big is not None and self._sum_small is not None and self._sum_big is not None
-        assert self._blocks is not None
+        assert self._blocks is not None and self._measured is not None
         values = torch.cat(
             [
-                torch.stack([self._small, self._big, self._sum_small, self._sum_big]),
+                torch.stack(
+                    [self._small, self._big, self._sum_small, self._sum_big, self._measured]
+                ),
                 self._blocks.flatten(),
             ]
         )
@@ -286,16 +298,19 @@ class NoiseScaleCallback(pl.Callback):
             values = trainer.strategy.reduce(values, reduce_op="mean")
         host = values.tolist()
         small, big, sum_small, sum_big = host[:4]
-        self.block_sums = [host[4 + 3 * i : 7 + 3 * i] for i in range(BLOCKS)]
-        correction = 1.0 - self.ema**self._steps  # bias correction of a zero-started EMA
+        measured = round(host[4])  # finite steps only (every rank skips the same steps)
+        self.block_sums = [host[5 + 3 * i : 8 + 3 * i] for i in range(BLOCKS)]
+        if measured == 0:
+            return {}  # every step so far was skipped: nothing measured, no estimate
+        correction = 1.0 - self.ema**measured  # bias correction of a zero-started EMA
         g2, trace, b_simple = simple_noise_scale(
             small / correction, big / correction, self.b_small, self.b_big
         )
         self.latest = {"g2": g2, "trace": trace, "b_simple": b_simple, "step": self._last_step}
         g2m, tracem, bm = simple_noise_scale(
-            sum_small / self._steps, sum_big / self._steps, self.b_small, self.b_big
+            sum_small / measured, sum_big / measured, self.b_small, self.b_big
         )
-        self.run_mean = {"g2": g2m, "trace": tracem, "b_simple": bm, "steps": self._steps}
+        self.run_mean = {"g2": g2m, "trace": tracem, "b_simple": bm, "steps": measured}
         out = {"noise/g2": g2, "noise/trace_sigma": trace, "noise/b_simple": b_simple}
         return {k: v for k, v in out.items() if math.isfinite(v)}
 

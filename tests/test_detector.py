@@ -190,3 +190,72 @@ def test_plateau_onset_on_nan_and_noise():
     assert v is not None and v.alarm_step == 151 and v.onset_step <= 110
     for seed in range(3):
         assert feed(DestabilisationDetector(onset="plateau"), decay(600, seed=seed)) is None
+
+
+# ---------------------------------------------------------------- non-finite loss: the onset
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_rise_onset_on_nan_is_the_last_finite_step_lagged_if_asked(lag):
+    # Still falling when the loss turns NaN at step 301: under rise the onset is the last finite
+    # step (300), not the NaN step; "+lag" moves it back 9 steps as on the finite path.
+    for bad in (float("nan"), float("inf")):
+        v = feed(DestabilisationDetector(lag_correction=lag), v_shape(turn=10_000, n=300) + [bad])
+        assert v is not None and v.alarm_step == 301 and "non-finite" in v.reason
+        want = 300 - 9 if lag else 300
+        assert (v.onset_step, v.onset_lr) == (want, pytest.approx(want * 1e-4)), v
+        assert v.definition == ("rise+lag" if lag else "rise")
+
+
+@pytest.mark.parametrize("onset", ["rise", "min_loss", "plateau"])
+def test_nan_onset_follows_the_finite_rule_and_its_lag_for_every_onset(onset):
+    # A rise that has begun (not yet for `patience` steps) and then NaN: the onset is the one the
+    # finite alarm names when the rise continues instead, and the lag moves it back 9 steps.
+    start = v_shape(turn=200, n=200) + [5.2 * 1.2] * 4
+    nan = start + [float("nan")]
+    held = start + [5.2 * 1.2] * 40
+    for lag in (False, True):
+        got = feed(DestabilisationDetector(onset=onset, lag_correction=lag), nan)
+        want = feed(DestabilisationDetector(onset=onset, lag_correction=lag), held)
+        assert got is not None and want is not None and got.alarm_step == 205
+        assert (got.onset_step, got.onset_lr) == (want.onset_step, want.onset_lr), (got, want)
+    # NaN while still falling: rise names the last finite step, min_loss (the best) too here.
+    falling = v_shape(turn=10_000, n=150) + [float("nan")]
+    plain = feed(DestabilisationDetector(onset=onset), falling)
+    lagged = feed(DestabilisationDetector(onset=onset, lag_correction=True), falling)
+    assert plain is not None and lagged is not None
+    assert lagged.onset_step == plain.onset_step - 9
+    assert lagged.onset_lr == pytest.approx(lagged.onset_step * 1e-4)
+    if onset != "plateau":
+        assert plain.onset_step == 150
+
+
+@pytest.mark.parametrize("onset", ["rise", "min_loss", "plateau"])
+def test_nan_within_ignore_first_reads_the_last_finite_step(onset):
+    # No best yet (ignore_first): the last finite step, lagged if asked (as far back as it goes).
+    series = [8.0 - 0.01 * i for i in range(15)] + [float("nan")]
+    plain = feed(DestabilisationDetector(onset=onset), series)
+    lagged = feed(DestabilisationDetector(onset=onset, lag_correction=True), series)
+    assert plain is not None and (plain.onset_step, plain.alarm_step) == (15, 16)
+    assert plain.onset_lr == pytest.approx(15e-4)
+    assert lagged is not None and lagged.onset_step == 15 - 9
+    assert lagged.onset_lr == pytest.approx(6e-4)
+    # Nothing finite at all: the only step there is.
+    first = feed(DestabilisationDetector(onset=onset, lag_correction=True), [float("inf")])
+    assert first is not None and (first.onset_step, first.alarm_step) == (1, 1)
+
+
+@pytest.mark.parametrize("onset", ["rise", "min_loss", "plateau"])
+def test_replay_of_a_nan_run_matches_feeding(onset):
+    from batchsize_study.config import DetectorConfig
+    from batchsize_study.detector import replay
+
+    series = v_shape(turn=10_000, n=120, noise=0.01) + [float("nan"), 3.0]
+    rows = [(i + 1, (i + 1) * 1e-4, loss) for i, loss in enumerate(series)]
+    for lag in (False, True):
+        cfg = DetectorConfig(onset=onset, lag_correction=lag)
+        v, smoothed = replay(rows, cfg)
+        assert v == feed(DestabilisationDetector.from_config(cfg), series)
+        assert v.alarm_step == 121 and v.onset_step <= 120 and len(smoothed) == 121
+        if onset == "rise":
+            assert v.onset_step == (120 - 9 if lag else 120)

@@ -249,3 +249,64 @@ def _fit(module, loader, cb, tmp_path, **trainer_args) -> pl.Trainer:  # noqa: A
     )
     trainer.fit(module, loader)
     return trainer
+
+
+def _feed_steps(
+    steps: dict[int, tuple[float, float]], ema: float = 0.9, max_steps: int = 20
+) -> NoiseScaleCallback:
+    """A callback fed (mean |g_small|^2, |g_big|^2) per optimizer step, two pieces per step, as
+    on_train_batch_end sees them; then read once (on_step_rows)."""
+    from types import SimpleNamespace
+
+    cb = NoiseScaleCallback(b_small=2, b_big=8, ema=ema)
+    module = SimpleNamespace(device=torch.device("cpu"), parameters=lambda: [], step_stats=None)
+    trainer = SimpleNamespace(global_step=0, max_steps=max_steps, world_size=1)
+    cb.on_train_start(trainer, module)
+    for step, (small, big) in steps.items():
+        trainer.global_step = step
+        assert cb._micro_sq is not None
+        cb._micro_sq.fill_(small / 2)  # two pieces: mean |g_small|^2 = micro_sq * 2
+        cb._n_micro = 2
+        module.step_stats = StepStats(grad_norm=torch.tensor(math.sqrt(big)))
+        cb.on_train_batch_end(trainer, module, None, None, 0)
+    cb.on_step_rows(trainer, [])
+    return cb
+
+
+@pytest.mark.parametrize("bad", [(math.inf, 3.0), (5.0, math.inf), (math.nan, math.nan)])
+def test_a_skipped_non_finite_step_changes_nothing(bad):
+    # The same measured values with a non-finite step in between, and without it: the bias
+    # correction and the run means count measured steps only, so every result is identical.
+    clean = {1: (9.0, 3.0), 2: (8.0, 2.5), 4: (7.5, 2.0), 5: (8.5, 2.2)}
+    skipped = _feed_steps(dict(sorted({**clean, 3: bad}.items())))  # step 3 between 2 and 4
+    ref = _feed_steps(clean)
+    assert ref.run_mean["steps"] == 4 and ref.latest["g2"] > 0
+    assert skipped.latest == ref.latest
+    assert skipped.run_mean == ref.run_mean
+    assert skipped.block_sums == ref.block_sums
+    assert skipped.state_dict() == ref.state_dict()
+    assert skipped.summary() == ref.summary()
+    # The numbers are the bias-corrected EMAs and means of the four measured steps.
+    beta, vals = 0.9, list(clean.values())
+    ema = [sum((1 - beta) * beta ** (3 - i) * v[j] for i, v in enumerate(vals)) for j in (0, 1)]
+    want = simple_noise_scale(ema[0] / (1 - beta**4), ema[1] / (1 - beta**4), 2, 8)
+    assert [ref.latest[k] for k in ("g2", "trace", "b_simple")] == pytest.approx(want, rel=1e-5)
+    means = [sum(v[j] for v in vals) / 4 for j in (0, 1)]
+    want = simple_noise_scale(means[0], means[1], 2, 8)
+    assert [ref.run_mean[k] for k in ("g2", "trace", "b_simple")] == pytest.approx(want, rel=1e-5)
+
+
+def test_only_skipped_steps_give_no_estimate_and_resume_keeps_the_measured_count():
+    only_bad = _feed_steps({1: (math.inf, math.inf)})
+    assert only_bad.latest == {} and only_bad.run_mean == {}
+    assert only_bad.state_dict()["steps"] == 0
+    # A resumed run continues from the measured count, not from the steps that reached the update.
+    first = _feed_steps({1: (9.0, 3.0), 2: (math.inf, 1.0)})
+    assert first.run_mean["steps"] == 1
+    resumed = NoiseScaleCallback(b_small=2, b_big=8, ema=0.9)
+    resumed.load_state_dict(first.state_dict())
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(device=torch.device("cpu"), parameters=lambda: [])
+    resumed.on_train_start(SimpleNamespace(global_step=2, max_steps=20, world_size=1), module)
+    assert resumed._measured is not None and float(resumed._measured) == 1.0
