@@ -64,6 +64,18 @@ def test_three_documents_give_three_splits():
     assert (len(train), len(val), len(test)) == (1, 1, 1)
 
 
+def test_default_corpus_split_plan_moves_nothing_and_reads_a_prefix():
+    """Issue 19: the split is planned before the tokenizer's sample; on a corpus whose splits
+    the hash fills (the default) the plan moves nothing, so its sample and tokens are as before,
+    and it stops reading once every split has a document."""
+    from batchsize_study.data.prepare import _plan_splits
+
+    cfg = DataConfig()
+    _, source = source_fingerprint(cfg)
+    plan = _plan_splits(cfg, source)
+    assert plan.moves == {} and plan.seen is None
+
+
 def test_test_split_is_written_and_kept_apart(tmp_path):
     c = prepare_corpus(small_cfg(tmp_path, max_documents=80), seq_len=16)
     assert c.test_documents >= 1 and c.test_tokens > 0

@@ -204,7 +204,7 @@ def test_a_failed_preparation_leaves_no_cache_folder(tmp_path):
 
 def test_three_files_none_hashed_into_train_still_give_three_splits(tmp_path):
     # The hash sends all three to validation/test; the writer moves one into train (as
-    # split_documents does), and the tokenizer, with no training document, learns from all three.
+    # split_documents does), and the tokenizer learns from that one only (issue 19).
     names = [n for n in (f"doc{i}.txt" for i in range(100)) if split_of(n, 0.1, 0.1) != "train"]
     folder = tmp_path / "three"
     folder.mkdir()
@@ -227,6 +227,91 @@ def test_three_files_none_hashed_into_train_still_give_three_splits(tmp_path):
     want = [len(part) for part in split_documents(docs, 0.1, 0.1)]
     assert want == [1, 1, 1]
     assert min(c.train_tokens, c.val_tokens, c.test_tokens) > 0
+
+
+def _decoded_splits(c) -> dict[str, list[str]]:
+    """Each split's documents as text, decoded from its token file (documents end at eos)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(c.tokenizer_path)
+    out: dict[str, list[str]] = {}
+    for split in ("train", "val", "test"):
+        ids = np.fromfile(getattr(c, f"{split}_path"), dtype=c.dtype).tolist()
+        docs, cur = [], []
+        for t in ids:
+            if t == c.eos_id:
+                docs.append(tok.decode(cur))
+                cur = []
+            else:
+                cur.append(t)
+        out[split] = docs
+    return out
+
+
+def _names(splits: str, n: int, start: int = 0) -> list[str]:
+    """The first n names doc<i>.txt (i >= start) whose hash split (0.1/0.1) is in ``splits``."""
+    found = (f"doc{i:03d}.txt" for i in range(start, 1000))
+    return [m for m in found if split_of(m, 0.1, 0.1) in splits][:n]
+
+
+@pytest.mark.parametrize("case", ["none_hashed_into_train", "val_empty", "val_past_the_budget"])
+def test_the_tokenizer_never_trains_on_a_validation_or_test_document(tmp_path, monkeypatch, case):
+    """Issue 19: a document that a split the hash left empty takes from train (or any document
+    when none hashed into train) was in the tokenizer's sample. The final split is now decided
+    before the sample is drawn; with a token budget the written prefix decides it, and a build
+    whose sample met a moved document is redone without it."""
+    import batchsize_study.data.prepare as P
+
+    budget = None
+    if case == "none_hashed_into_train":
+        names = _names("val test", 3)
+    elif case == "val_empty":  # validation takes the last training document
+        names = _names("train", 3) + _names("test", 1)
+    else:  # the budget stops after a few training documents, before any val or test one
+        names = _names("train", 12) + _names("val test", 3, start=900)
+        budget = 3000
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    texts = {n: paragraphs(1500 + 100 * i, seed=i) for i, n in enumerate(names)}
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    samples: list[list[str]] = []
+    real_train_bpe = P.train_bpe
+
+    def spy(docs, vocab_size):  # noqa: ANN001, ANN202
+        sample: list[str] = []
+        samples.append(sample)
+        return real_train_bpe((sample.append(t) or t for t in docs), vocab_size)
+
+    monkeypatch.setattr(P, "train_bpe", spy)
+    c = prepare_corpus(
+        cfg(
+            tmp_path,
+            source="text",
+            path=str(folder),
+            val_fraction=0.1,
+            test_fraction=0.1,
+            max_tokens=budget,
+        ),
+        16,
+    )
+    by_text = {t: n for n, t in texts.items()}
+    got = {s: [by_text[t] for t in docs] for s, docs in _decoded_splits(c).items()}
+    assert all(got.values()), got
+    held_out = set(got["val"]) | set(got["test"])
+    sample = {by_text[t] for t in samples[-1]}  # the saved tokenizer is the last one trained
+    assert sample, "the tokenizer had no text"
+    assert not sample & held_out, (sorted(sample & held_out), got)
+    if case == "val_past_the_budget":
+        assert not c.complete
+        assert all(split_of(n, 0.1, 0.1) == "train" for n in held_out), got
+    else:
+        assert sample <= set(got["train"])
+        assert [len(got[s]) for s in ("train", "val", "test")] == [
+            len(p)
+            for p in split_documents([Document(n, texts[n]) for n in sorted(names)], 0.1, 0.1)
+        ]
 
 
 def test_settings_refused_when_built():

@@ -4,7 +4,8 @@ Two passes over the corpus, each a stream:
 
 1. **tokenizer**: byte-level BPE trained on a bounded sample of the training split
    (``data.tokenizer.train_sample_mb``): BPE keeps word counts, so its memory follows the sample,
-   not the corpus.
+   not the corpus. The split is final before the sample is drawn (:func:`_plan_splits`): the
+   tokenizer never learns from a validation or test document (issue 19).
 2. **encode**: documents go out in chunks of about ``ENCODE_CHUNK_CHARS`` characters to a pool
    of worker processes (one per core, ``data.num_proc``), at most two chunks per worker in
    flight; results come back in order and are appended to ``train.bin``/``val.bin``/``test.bin``
@@ -30,7 +31,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,56 @@ def _empty_split_moves(counts: dict[str, int]) -> list[tuple[str, str]]:
     return moves
 
 
+@dataclass(frozen=True)
+class _SplitPlan:
+    """The final split of every document, known before the tokenizer's sample is drawn."""
+
+    moves: dict[str, str]
+    """name -> split, for the documents that a split the hash left empty takes; every other
+    document stays in its hash split."""
+    seen: int | None = None
+    """Documents read, when the whole corpus was (None: the plan stopped early, no move)."""
+    nonempty: int | None = None
+
+    def split(self, name: str, cfg: DataConfig) -> str:
+        """The document's final split: what the writer will put it in."""
+        return self.moves.get(name) or split_of(name, cfg.val_fraction, cfg.test_fraction)
+
+
+def _plan_splits(cfg: DataConfig, source: Source) -> _SplitPlan:
+    """The writer's fallback (:func:`_empty_split_moves`, on each split's last documents) played
+    ahead of the build, so that the tokenizer's sample can leave out a training document that
+    validation or test will take, and draw from one that train will take.
+
+    Stops reading as soon as every split has a non-empty document: then nothing moves (the
+    default corpus reads a few dozen files). Only a corpus with a split the hash left empty is
+    read to its end. A token budget can stop the writer earlier; :func:`_build_cache` checks
+    the sample against where the writer put each document.
+    """
+    counts = dict.fromkeys(SPLITS, 0)
+    last: dict[str, deque[str]] = {s: deque() for s in SPLITS}
+    seen = nonempty = 0
+    for d in iter_documents(cfg, source):
+        seen += 1
+        if not d.text or d.text.isspace():
+            continue
+        split = split_of(d.name, cfg.val_fraction, cfg.test_fraction)
+        nonempty += 1
+        counts[split] += 1
+        if all(counts.values()):
+            return _SplitPlan({})
+        last[split].append(d.name)
+        if len(last[split]) > 2:
+            last[split].popleft()
+    moves: dict[str, str] = {}
+    if nonempty >= 3:
+        for donor, receiver in _empty_split_moves(counts):
+            name = last[donor].pop()
+            last[receiver].append(name)
+            moves[name] = receiver
+    return _SplitPlan(moves, seen=seen, nonempty=nonempty)
+
+
 # ---------------------------------------------------------------- cache key
 
 
@@ -272,40 +323,52 @@ def _rmdir_quietly(path: Path) -> None:
 def _build_cache(
     cfg: DataConfig, source: Source, final: Path, fp: str, budget: int | None, seq_len: int
 ) -> None:
+    """Split plan, tokenizer, encode, publish: the plan comes first so that the tokenizer's
+    sample holds only documents whose final split is train (issue 19)."""
     t0 = time.perf_counter()
-    if cfg.tokenizer.kind == "bpe":
-        tok = train_bpe(_sample_texts(cfg, source, budget), cfg.tokenizer.vocab_size)
-    else:
-        try:
-            tok = load_pretrained_tokenizer(str(cfg.tokenizer.name))
-        except TokenizerLoadError as exc:
-            raise DataError(
-                f"data.tokenizer.name={cfg.tokenizer.name!r}: could not load it ({exc}); give a "
-                "local tokenizer.json (or its folder), or a hub id that is cached, or use "
-                "data.tokenizer.kind=bpe"
-            ) from None
-    t_tok = time.perf_counter() - t0
-    vocab = tok.get_vocab_size()
-    dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
-    eos = eos_id(tok)
+    plan = _plan_splits(cfg, source) if cfg.tokenizer.kind == "bpe" else None
+    if plan is not None and plan.seen is not None:
+        _check_documents(cfg, plan.seen, plan.nonempty or 0, [])  # fail before training BPE
+    excluded: set[str] = set()
     tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    while True:
+        t1 = time.perf_counter()
+        sampled: set[str] = set()
+        if plan is not None:
+            texts = _sample_texts(cfg, source, budget, plan, excluded, sampled)
+            tok = train_bpe(texts, cfg.tokenizer.vocab_size)
+        else:
+            tok = _pretrained(cfg)
+        t_tok = time.perf_counter() - t1
+        vocab = tok.get_vocab_size()
+        dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
+        eos = eos_id(tok)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            tok.save(str(tmp / "tokenizer.json"))
+            written = _encode_corpus(cfg, source, tok, eos, dtype, tmp, budget, watch=sampled)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        leaked = {n for n, s in written.placed.items() if s != "train"}
+        if not leaked:
+            break
+        # Only under a token budget: the writer stopped before every split had a document, and
+        # a split left empty took one the sample held (the plan read past the budget). Train
+        # again without it; each round leaves out at least one more, so this ends.
+        shutil.rmtree(tmp, ignore_errors=True)
+        excluded |= leaked
+        log.warning(
+            "%s: the budget left a split empty; %d sampled document(s) moved out of the "
+            "training split, training the tokenizer again without them",
+            _describe(cfg),
+            len(leaked),
+        )
     try:
-        tok.save(str(tmp / "tokenizer.json"))
-        written = _encode_corpus(cfg, source, tok, eos, dtype, tmp, budget)
-        empty = [s for s in SPLITS if not written.documents[s]]
-        if not written.nonempty:
-            raise DataError(
-                f"{_describe(cfg)}: the corpus has no non-empty documents "
-                f"({written.seen} document(s), all empty or whitespace); point it at text"
-            )
-        if empty or written.nonempty < 3:
-            raise DataError(
-                f"{_describe(cfg)}: {written.nonempty} non-empty document(s) cannot give train, "
-                f"validation and test splits; give at least three documents (files or rows), or "
-                f"cut a long text into more blocks with a smaller data.block_chars={cfg.block_chars}"
-            )
+        _check_documents(
+            cfg, written.seen, written.nonempty, [s for s in SPLITS if not written.documents[s]]
+        )
         file_hashes = {s: written.hashes[s].hexdigest() for s in SPLITS}
         token_hash = hashlib.sha256(
             "".join(f"{s}:{file_hashes[s]}\n" for s in SPLITS).encode()
@@ -342,13 +405,49 @@ def _build_cache(
     log.info("prepared corpus in %.1fs -> %s", time.perf_counter() - t0, final)
 
 
-def _sample_texts(cfg: DataConfig, source: Source, budget: int | None) -> Iterator[str]:
-    """The tokenizer's training text: training-split documents, at most train_sample_mb.
+def _pretrained(cfg: DataConfig):  # noqa: ANN202 - tokenizers.Tokenizer
+    """data.tokenizer.kind=pretrained: a load failure becomes a DataError that says what to do."""
+    try:
+        return load_pretrained_tokenizer(str(cfg.tokenizer.name))
+    except TokenizerLoadError as exc:
+        raise DataError(
+            f"data.tokenizer.name={cfg.tokenizer.name!r}: could not load it ({exc}); give a "
+            "local tokenizer.json (or its folder), or a hub id that is cached, or use "
+            "data.tokenizer.kind=bpe"
+        ) from None
+
+
+def _check_documents(cfg: DataConfig, seen: int, nonempty: int, empty: list[str]) -> None:
+    """Refuse a corpus that cannot give three non-empty splits."""
+    if not nonempty:
+        raise DataError(
+            f"{_describe(cfg)}: the corpus has no non-empty documents "
+            f"({seen} document(s), all empty or whitespace); point it at text"
+        )
+    if empty or nonempty < 3:
+        raise DataError(
+            f"{_describe(cfg)}: {nonempty} non-empty document(s) cannot give train, "
+            f"validation and test splits; give at least three documents (files or rows), or "
+            f"cut a long text into more blocks with a smaller data.block_chars={cfg.block_chars}"
+        )
+
+
+def _sample_texts(
+    cfg: DataConfig,
+    source: Source,
+    budget: int | None,
+    plan: _SplitPlan,
+    excluded: set[str],
+    sampled: set[str],
+) -> Iterator[str]:
+    """The tokenizer's training text: documents whose *final* split is train (``plan``; none in
+    ``excluded``), at most train_sample_mb; their names are added to ``sampled``.
 
     Where the corpus size is known (files) documents are drawn by a second hash of their name
     with the probability that makes the expected sample the cap, so the sample spans the
     corpus; a stream (hub), or a corpus read only up to a token budget, gives its first
-    documents. Files that are not drawn are not read.
+    documents. Files that are not drawn are not read. When the draw takes nothing (a training
+    split of a document or two), every training document may be taken.
     """
     cap = int(cfg.tokenizer.train_sample_mb * 1e6)
     if budget is not None:
@@ -357,36 +456,27 @@ def _sample_texts(cfg: DataConfig, source: Source, budget: int | None) -> Iterat
     if source.total_bytes and budget is None:
         train_bytes = source.total_bytes * (1 - cfg.val_fraction - cfg.test_fraction)
         keep = min(1.0, cap / max(train_bytes, 1.0))
-
-    def skip(name: str) -> bool:
-        return (
-            split_of(name, cfg.val_fraction, cfg.test_fraction) != "train"
-            or _unit(name, "sample|") >= keep
-        )
-
     taken = 0
-    for doc in iter_documents(cfg, source, skip=skip):
-        if not doc.text or skip(doc.name):
-            continue
-        yield doc.text
-        taken += len(doc.text)
-        if taken >= cap:
-            return
-    if taken:
-        return
-    # No training document drawn: a corpus of a handful of documents whose hashes all fell
-    # outside train (the writer then moves one into train). The tokenizer learns from every
-    # document instead: it sees held-out text, which a corpus this small cannot avoid.
-    log.warning(
-        "%s: no document hashed into the training split; the tokenizer trains on all documents",
-        _describe(cfg),
-    )
-    for doc in iter_documents(cfg, source):
-        if doc.text and not doc.text.isspace():
+    for draw in (keep, 1.0) if keep < 1.0 else (keep,):
+
+        def skip(name: str, draw: float = draw) -> bool:
+            return (
+                plan.split(name, cfg) != "train"
+                or name in excluded
+                or _unit(name, "sample|") >= draw
+            )
+
+        for doc in iter_documents(cfg, source, skip=skip):
+            if not doc.text or skip(doc.name):
+                continue
+            sampled.add(doc.name)
             yield doc.text
             taken += len(doc.text)
             if taken >= cap:
                 return
+        if taken:
+            return
+    log.warning("%s: no training document for the tokenizer to learn from", _describe(cfg))
 
 
 # ---------------------------------------------------------------- encode
@@ -401,6 +491,8 @@ class _Written:
     nonempty: int = 0
     chars: int = 0
     stopped: bool = False
+    placed: dict[str, str] = field(default_factory=dict)
+    """Where each watched document (the tokenizer's sample) was written."""
 
 
 class _SplitWriter:
@@ -408,31 +500,34 @@ class _SplitWriter:
     every split, so that a split the hash left empty can take one at the end (the fallback of
     split_documents, :func:`_empty_split_moves`)."""
 
-    def __init__(self, folder: Path, budget: int | None) -> None:
+    def __init__(self, folder: Path, budget: int | None, watch: set[str] | None = None) -> None:
         self.fh = {s: open(folder / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115
         self.w = _Written(
             tokens=dict.fromkeys(SPLITS, 0),
             documents=dict.fromkeys(SPLITS, 0),
             hashes={s: hashlib.sha256() for s in SPLITS},
         )
-        self.held: dict[str, deque[np.ndarray]] = {s: deque() for s in SPLITS}
+        self.held: dict[str, deque[tuple[str, np.ndarray]]] = {s: deque() for s in SPLITS}
         self.budget = budget
         self.total = 0
+        self.watch = watch or set()
 
-    def _write(self, split: str, arr: np.ndarray) -> None:
+    def _write(self, split: str, name: str, arr: np.ndarray) -> None:
         data = arr.tobytes()
         self.fh[split].write(data)
         self.w.hashes[split].update(data)
         self.w.tokens[split] += int(arr.size)
         self.w.documents[split] += 1
+        if name in self.watch:
+            self.w.placed[name] = split
 
-    def add(self, split: str, arr: np.ndarray) -> bool:
+    def add(self, name: str, split: str, arr: np.ndarray) -> bool:
         """Route one document; False once the budget is reached (stop reading)."""
         self.w.nonempty += 1
         held = self.held[split]
-        held.append(arr)
+        held.append((name, arr))
         if len(held) > 2:
-            self._write(split, held.popleft())
+            self._write(split, *held.popleft())
         self.total += int(arr.size)
         if self.budget is not None and self.total >= self.budget:
             self.w.stopped = True
@@ -446,7 +541,7 @@ class _SplitWriter:
                 self.held[receiver].append(self.held[donor].pop())
         for s in SPLITS:
             while self.held[s]:
-                self._write(s, self.held[s].popleft())
+                self._write(s, *self.held[s].popleft())
         for fh in self.fh.values():
             fh.flush()
             os.fsync(fh.fileno())
@@ -456,9 +551,9 @@ class _SplitWriter:
 
 def _chunks(
     cfg: DataConfig, docs: Iterator[Document], w: _Written, chunk_chars: int
-) -> Iterator[tuple[list[str], list[str]]]:
-    """(splits, texts) of consecutive non-empty documents, about chunk_chars each."""
-    splits: list[str] = []
+) -> Iterator[tuple[list[tuple[str, str]], list[str]]]:
+    """((name, split) pairs, texts) of consecutive non-empty documents, about chunk_chars each."""
+    splits: list[tuple[str, str]] = []
     texts: list[str] = []
     size = 0
     for d in docs:
@@ -468,7 +563,7 @@ def _chunks(
         if texts and size + len(d.text) > chunk_chars:
             yield splits, texts
             splits, texts, size = [], [], 0
-        splits.append(split_of(d.name, cfg.val_fraction, cfg.test_fraction))
+        splits.append((d.name, split_of(d.name, cfg.val_fraction, cfg.test_fraction)))
         texts.append(d.text)
         size += len(d.text)
         if size >= chunk_chars:
@@ -496,8 +591,9 @@ def _encode_corpus(
     dtype: np.dtype,
     folder: Path,
     budget: int | None,
+    watch: set[str] | None = None,
 ) -> _Written:
-    writer = _SplitWriter(folder, budget)
+    writer = _SplitWriter(folder, budget, watch)
     progress = _Progress(source.total_bytes, budget is None)
     procs = num_processes(cfg)
     small = source.total_bytes is not None and source.total_bytes < 4 * ENCODE_CHUNK_CHARS
@@ -550,10 +646,10 @@ def _encode_corpus(
 
 
 def _batched(
-    chunks: Iterator[tuple[list[str], list[str]]], k: int
-) -> Iterator[tuple[list[str], list[str]]]:
+    chunks: Iterator[tuple[list[tuple[str, str]], list[str]]], k: int
+) -> Iterator[tuple[list[tuple[str, str]], list[str]]]:
     """k chunks as one: in-process encode_batch_fast uses all cores only on big batches."""
-    splits: list[str] = []
+    splits: list[tuple[str, str]] = []
     texts: list[str] = []
     for i, (s, t) in enumerate(chunks, 1):
         splits += s
@@ -567,10 +663,10 @@ def _batched(
 
 def _in_order(
     pool: ProcessPoolExecutor,
-    chunks: Iterator[tuple[list[str], list[str]]],
+    chunks: Iterator[tuple[list[tuple[str, str]], list[str]]],
     dtype: np.dtype,
     in_flight: int,
-) -> Iterator[tuple[list[str], list[str], tuple[np.ndarray, np.ndarray]]]:
+) -> Iterator[tuple[list[tuple[str, str]], list[str], tuple[np.ndarray, np.ndarray]]]:
     """Results in submission order with at most ``in_flight`` chunks out (Executor.map and
     Pool.imap would read the whole corpus ahead into their queues)."""
     pending: deque = deque()
@@ -587,12 +683,12 @@ def _in_order(
 
 
 def _route(
-    writer: _SplitWriter, splits: list[str], tokens: np.ndarray, lengths: np.ndarray
+    writer: _SplitWriter, splits: list[tuple[str, str]], tokens: np.ndarray, lengths: np.ndarray
 ) -> bool:
     ends = np.cumsum(lengths)
     start = 0
-    for split, end in zip(splits, ends.tolist(), strict=True):
-        if not writer.add(split, tokens[start:end]):
+    for (name, split), end in zip(splits, ends.tolist(), strict=True):
+        if not writer.add(name, split, tokens[start:end]):
             return False
         start = end
     return True
