@@ -6,6 +6,18 @@ stacked transfer per ``log_every_steps`` serves the CSV, wandb, the progress bar
 Why not Lightning's CSVLogger: it rewrites its file when a new key appears and knows nothing of a
 resumed run; this file has a fixed schema, is appended and flushed per batch of rows, and is cut
 back to the resumed step, so a crash loses nothing that was logged.
+
+What a row holds does not depend on ``log_every_steps`` (1 on CPU, 20 on a GPU), which only sets
+how many steps travel in one transfer: every row carries its own step's values, the detector's
+smoothed loss included (the detector is fed one row per call, :meth:`StepRecorder._feed_rows`).
+Only the wall-clock columns do: ``tokens_per_second`` and ``mfu`` are the rate over the transfer
+that brought the step, and ``elapsed_s`` is the time of that transfer. A run that the detector
+stops (superconvergence) transfers every step, so it stops at the step that decided it, not at
+the end of a transfer.
+
+``elapsed_s`` is the run's training time, not this process's: a resumed run continues from the
+row it resumed at (read back from the file), so the record's timings describe the whole run
+(record.py).
 """
 
 from __future__ import annotations
@@ -22,7 +34,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from batchsize_study.metrics import CSV_FIELDS, truncate_metrics
+from batchsize_study.metrics import CSV_FIELDS, elapsed_at, truncate_metrics
+from batchsize_study.spike import DestabilisationCallback
 from batchsize_study.steps import HasStepStats, StepConsumer, StepRow
 
 log = logging.getLogger(__name__)
@@ -97,6 +110,11 @@ class StepRecorder(pl.Callback):
 
     ``consumers`` are fed every batch of rows, in the order given (the contract is
     :class:`batchsize_study.steps.StepConsumer`); the module must publish ``step_stats``.
+    The detector is fed one row per call, so each row gets the smoothed loss after its own step.
+
+    After training: :attr:`train_seconds` (this process's training time, as counted in
+    elapsed_s) and :attr:`startup_steps` (the steps of the whole run whose timing holds a
+    process's start-up; kept in the checkpoint) for the record's timings.
     """
 
     def __init__(
@@ -116,19 +134,24 @@ class StepRecorder(pl.Callback):
         self.warmup_steps = warmup_steps
         self.tokens_per_step = tokens_per_step
         self.log_every_steps = log_every_steps
+        # A consumer that stops the run on what it reads must see each step before the next one
+        # starts; otherwise the run overruns its stop by up to one transfer, and the rows, the
+        # final validation and the record would depend on the cadence.
+        self.transfer_every = 1 if any(map(_stops_run, self.consumers)) else max(1, log_every_steps)
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self._acc: torch.Tensor | None = None
         self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
         self._last_step = self._start_step = 0
         self._t_last = 0.0
         self._t_start = 0.0
+        self._elapsed_before = 0.0  # training time of the processes before a resume
+        self.train_seconds = 0.0
         self._t_bar = -1.0
         self._fh: Any = None
         self._writer: csv.DictWriter | None = None
         self.last_row: dict[str, float] = {}
         self.steps_recorded = 0
-        self.tokens_per_second: deque[float] = deque(maxlen=1000)
-        self._warmup_tps: list[float] = []
+        self.startup_steps: list[int] = []
         self.nonfinite_step: int | None = None
         self._loggers = _LoggerThread()
         self._trainer: pl.Trainer | None = None
@@ -141,7 +164,8 @@ class StepRecorder(pl.Callback):
             raise TypeError(f"{type(pl_module).__name__} does not publish step_stats (steps.py)")
         self._trainer, self._module = trainer, pl_module
         self._last_step = self._start_step = trainer.global_step
-        self._t_start = self._t_last = time.perf_counter()
+        # Steps after the checkpoint are trained again: their start-up marks go with their rows.
+        self.startup_steps = [s for s in self.startup_steps if s <= trainer.global_step]
         if trainer.is_global_zero:
             os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
             truncate_metrics(self.csv_path, trainer.global_step)
@@ -151,14 +175,24 @@ class StepRecorder(pl.Callback):
             if new:
                 self._writer.writeheader()
                 self._fh.flush()
+        # A resumed run's clock continues from the row it resumed at (0 on a fresh run).
+        self._elapsed_before = elapsed_at(self.csv_path, trainer.global_step)
+        self.train_seconds = 0.0
+        self._t_start = self._t_last = time.perf_counter()
 
     def state_dict(self) -> dict[str, Any]:
         """Called first when a checkpoint is written (the recorder precedes its consumers in the
         callback list): flush pending rows, so the checkpoint's step is in metrics.csv and the
-        consumers' states saved next have seen it (``log_every_steps`` > 1)."""
+        consumers' states saved next have seen it (``log_every_steps`` > 1). Holds the
+        start-up steps so far: a resumed run's record leaves them out of its throughput too."""
         if self._pending and self._trainer is not None and self._module is not None:
             self.flush(self._trainer, self._module)
-        return {}
+        return {"startup_steps": list(self.startup_steps)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the start-up steps of the processes before the checkpoint (none in older
+        checkpoints: then only this process's are left out)."""
+        self.startup_steps = [int(s) for s in state_dict.get("startup_steps", [])]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._loggers.drain()
@@ -169,8 +203,6 @@ class StepRecorder(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.flush(trainer, pl_module)
         self._loggers.drain()
-        if not self.tokens_per_second:  # a run shorter than its warm-up: report what there is
-            self.tokens_per_second.extend(self._warmup_tps)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -204,7 +236,7 @@ class StepRecorder(pl.Callback):
             acc = torch.tensor(float("nan"), device=pl_module.device)
         stats = pl_module.step_stats  # type: ignore[attr-defined]  (checked at train start)
         self._pending.append((trainer.global_step, float(stats.lr), acc, stats.grad_norm))
-        if len(self._pending) >= self.log_every_steps or trainer.global_step >= (
+        if len(self._pending) >= self.transfer_every or trainer.global_step >= (
             trainer.max_steps or 0
         ):
             self.flush(trainer, pl_module)
@@ -250,11 +282,14 @@ class StepRecorder(pl.Callback):
         now = time.perf_counter()
         tps = self.tokens_per_step * len(pending) / max(now - self._t_last, 1e-9)
         self._t_last = now
-        steady = pending[0][0] - self._start_step > self.warmup_steps
-        (self.tokens_per_second if steady else self._warmup_tps).append(tps)
+        if pending[0][0] - self._start_step <= self.warmup_steps:
+            # Start-up (first batch, lazy init, compilation) is in this rate: the record's
+            # throughput leaves these steps out; they are still written to metrics.csv.
+            self.startup_steps.extend(p[0] for p in pending)
         mfu = None
         if self.flops_per_token and self.peak_flops:
             mfu = self.flops_per_token * tps / self.peak_flops
+        self.train_seconds = now - self._t_start
         rows: list[StepRow] = []
         for (step, lr, _, _), loss, norm in zip(pending, values[0], values[1]):
             rows.append(
@@ -266,21 +301,27 @@ class StepRecorder(pl.Callback):
                     "grad_norm": norm,
                     "tokens_per_second": tps,
                     "mfu": mfu,
-                    "elapsed_s": now - self._t_start,
+                    "elapsed_s": self._elapsed_before + self.train_seconds,
                 }
             )
             if not math.isfinite(loss) and self.nonfinite_step is None:
                 self.nonfinite_step = step
-        extra: dict[str, float] = {}
+        # Metrics to log with each row: a row-wise consumer's answer for that row, the others'
+        # (read from device state once per transfer) with the newest row.
+        extras: list[dict[str, float]] = [{} for _ in rows]
         for consumer in self.consumers:
-            extra.update(consumer.on_step_rows(trainer, rows, collective) or {})
-        if "spike/smoothed_loss" in extra:
-            rows[-1]["smoothed_loss"] = extra["spike/smoothed_loss"]
+            if _reads_rows(consumer):
+                self._feed_rows(trainer, consumer, rows, extras, collective)
+            else:
+                extras[-1].update(consumer.on_step_rows(trainer, rows, collective) or {})
+        for row, extra in zip(rows, extras):
+            if "spike/smoothed_loss" in extra:
+                row["smoothed_loss"] = extra["spike/smoothed_loss"]
         self.steps_recorded += len(rows)
         self.last_row = rows[-1]
         if trainer.is_global_zero:
             self._write(rows)
-            for row in rows:
+            for row, extra in zip(rows, extras):
                 metrics = {
                     "train/loss": row["train_loss"],
                     "train/lr": row["lr"],
@@ -290,10 +331,35 @@ class StepRecorder(pl.Callback):
                 }
                 if mfu is not None:
                     metrics["throughput/mfu"] = mfu
-                if row is rows[-1]:
-                    metrics.update(extra)
+                metrics.update(extra)
                 if trainer.loggers:
                     self._loggers.put(trainer.loggers, metrics, row["step"])
+
+    @staticmethod
+    def _feed_rows(
+        trainer: pl.Trainer,
+        consumer: StepConsumer,
+        rows: list[StepRow],
+        extras: list[dict[str, float]],
+        collective: bool,
+    ) -> None:
+        """Feed a row-wise consumer (the detector) one row per call, so each row gets the answer
+        after its own step (the smoothed loss) whatever the number of rows per transfer.
+
+        No collective per call: the stop decision is reduced across ranks once per transfer,
+        here, as the detector did once per call when it was fed the whole batch. Rows after the
+        one that stopped the run are not fed (the detector judged nothing past it before).
+        """
+        stopping = trainer.should_stop
+        stopped = False
+        for row, extra in zip(rows, extras):
+            extra.update(consumer.on_step_rows(trainer, [row], False) or {})
+            if trainer.should_stop and not stopping:
+                stopped = True
+                break
+        reduce = collective and trainer.world_size > 1
+        if reduce and trainer.strategy.reduce_boolean_decision(stopped, all=False):
+            trainer.should_stop = True
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Close the training interval here, so validation time is not counted as training time.
@@ -332,3 +398,15 @@ class StepRecorder(pl.Callback):
         for row in rows:
             self._writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS})
         self._fh.flush()
+
+
+def _reads_rows(consumer: StepConsumer) -> bool:
+    """Whether a consumer answers per row (the detector: fed row by row) rather than from device
+    state read once per transfer (the noise scale, whose EMAs exist only at the newest step)."""
+    return isinstance(consumer, DestabilisationCallback)
+
+
+def _stops_run(consumer: StepConsumer) -> bool:
+    """Whether a consumer stops the run on what it reads (superconvergence's detector): then
+    every step is transferred, so the run stops where it would at a cadence of 1."""
+    return isinstance(consumer, DestabilisationCallback) and consumer.stop_on_rise

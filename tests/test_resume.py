@@ -3,9 +3,11 @@ not redone; runs of one study never share checkpoints."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -42,6 +44,12 @@ def _wait_for(pred, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 def _checkpoints(study: Path) -> list[Path]:
     return list(study.glob("runs/*/checkpoints/step*.ckpt"))
+
+
+def _per_step(metrics_csv: str | os.PathLike, column: str) -> dict[int, float]:
+    """step -> a column of the training rows of a metrics.csv."""
+    with open(metrics_csv, newline="") as fh:
+        return {int(r["step"]): float(r[column]) for r in csv.DictReader(fh) if r["train_loss"]}
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +207,66 @@ def test_resume_late_in_the_run_keeps_whole_run_state(reference, tmp_path):
     assert rec["noise"]["run_mean"]["steps"] == reference["noise"]["run_mean"]["steps"] == 5
     smoothed = read_metrics(run_dir / "metrics.csv").smoothed_loss
     assert smoothed[-1] == pytest.approx(read_metrics(reference["metrics_csv"]).smoothed_loss[-1])
+
+
+SLOW_STEP = 0.25
+"""Seconds the first process of the interrupted run sleeps per step: longer than the resumed one."""
+
+
+def test_interrupted_run_resumed_times_the_whole_run(tmp_path, monkeypatch):
+    """Issue 19: a run pre-empted at step 12 and resumed keeps one clock. elapsed_s continues
+    from the first process's last row (monotone across the resume), wall_seconds covers the first
+    process's training too, and tokens/s is the median over the whole run's steps, each process's
+    start-up steps (the first three after it starts) left out."""
+    from conftest import make_cfg
+
+    study = tmp_path / "preempted"
+    original = ResumeCallback.on_train_batch_end
+
+    def slow_then_preempted(self, trainer, *args):
+        time.sleep(SLOW_STEP)
+        if trainer.global_step == 12:
+            self.sigterm = True  # what the SIGTERM handler does
+        original(self, trainer, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(ResumeCallback, "on_train_batch_end", slow_then_preempted)
+        with pytest.raises(SystemExit):
+            run(make_cfg(study, *RUN))
+    (rd,) = run_dirs(study)
+    first = json.loads((rd / "result.json").read_text())
+    assert first["status"] == "interrupted" and first["steps_done"] == 12
+    before = _per_step(rd / "metrics.csv", "elapsed_s")
+    first_process = before[12]  # its training time
+    assert first_process >= 11 * SLOW_STEP
+
+    rec = run(make_cfg(study, *RUN))
+    assert rec["status"] == "completed" and rec["steps_done"] == 20
+    elapsed = _per_step(rd / "metrics.csv", "elapsed_s")
+    assert sorted(elapsed) == list(range(1, 21))
+    assert {s: elapsed[s] for s in before} == before  # the first process's rows stay
+    clock = [elapsed[s] for s in range(1, 21)]
+    assert clock == sorted(clock) and elapsed[13] > first_process
+    assert rec["wall_seconds"] >= elapsed[20] > first_process
+
+    rates = _per_step(rd / "metrics.csv", "tokens_per_second")
+    steady = [rates[s] for s in range(1, 21) if s not in (1, 2, 3, 13, 14, 15)]
+    assert rec["tokens_per_second"] == pytest.approx(statistics.median(steady))
+
+
+def test_run_resumed_at_max_steps_records_the_whole_runs_timing(cfg_factory):
+    """Issue 19: killed after its last checkpoint but before its record, the same command trains
+    nothing and still records the run's throughput, MFU and time (from metrics.csv and the
+    start-up steps kept in the checkpoint), not None."""
+    overrides = (*RUN, "max_steps=4", "warmup_steps=1", "val_every_steps=2", "peak_flops=1e12")
+    first = run(cfg_factory(*overrides))
+    csv_path = Path(first["metrics_csv"])
+    assert first["tokens_per_second"] == _per_step(csv_path, "tokens_per_second")[4]
+    (csv_path.parent / "result.json").unlink()
+
+    late = run(cfg_factory(*overrides))
+    assert late["status"] == "completed" and late["steps_done"] == 4
+    assert late["tokens_per_second"] is not None and late["mfu"] is not None
+    assert late["tokens_per_second"] == pytest.approx(first["tokens_per_second"])
+    assert late["mfu"] == pytest.approx(first["mfu"])
+    assert late["wall_seconds"] >= _per_step(csv_path, "elapsed_s")[4] > 0
