@@ -72,16 +72,43 @@ def uses_cuda(accelerator: str | None) -> bool:
     return torch.cuda.is_available() and accelerator in (None, "auto", "gpu", "cuda")
 
 
+NATIVE_BF16_CAPABILITY = (8, 0)
+"""CUDA compute capability from which bf16 matmuls run natively on tensor cores (Ampere, sm_80).
+``torch.cuda.is_bf16_supported()`` also says True on Turing and Pascal, where bf16 is emulated
+(slower than fp16 with a GradScaler, and than fp32 on some kernels): it cannot decide alone."""
+
+
+def auto_precision(device: str, capability: tuple[int, int] | None, cpu_bf16: bool) -> str:
+    """precision=auto as a pure function of the hardware, so the rule is testable anywhere.
+
+    ``device``: "cuda" or anything else (the CPU path); ``capability``: the lowest compute
+    capability of the CUDA devices in use; ``cpu_bf16``: oneDNN runs bf16 natively
+    (:func:`cpu_supports_bf16`). bf16-mixed only where bf16 is native (Ampere+ GPUs, AMX or
+    AVX512-BF16 CPUs); 16-mixed (Lightning adds a GradScaler) on older CUDA cards; else fp32.
+    """
+    if device == "cuda":
+        if capability is not None and tuple(capability) >= NATIVE_BF16_CAPABILITY:
+            return "bf16-mixed"
+        return "16-mixed"
+    return "bf16-mixed" if cpu_bf16 else "32-true"
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """The lowest compute capability among the visible CUDA devices (a mixed machine gets the
+    precision every card runs natively); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    return min(caps) if caps else None
+
+
 def resolve_precision(setting: str, accelerator: str | None) -> str:
-    """auto: bf16-mixed where the hardware runs bf16 matmuls natively (AMX/AVX512-BF16 CPUs,
-    Ampere+ GPUs), 16-mixed on older GPUs, else fp32."""
+    """auto: :func:`auto_precision` for this machine; any other setting is passed through."""
     if setting != "auto":
         return setting
     if uses_cuda(accelerator):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    if cpu_supports_bf16():
-        return "bf16-mixed"
-    return "32-true"
+        return auto_precision("cuda", cuda_capability(), cpu_bf16=False)
+    return auto_precision("cpu", None, cpu_supports_bf16())
 
 
 GPU_LOG_EVERY_STEPS = 20
