@@ -25,6 +25,7 @@ def _check(ok: bool, key: str, value: Any, fix: str) -> None:
 
 
 HOST_ALLOCATORS = ("auto", "system")
+X_FROM = ("seed", "median")
 
 TASKS = (
     "superconvergence",
@@ -205,6 +206,17 @@ class SweepConfig:
     combined standard errors (how they are estimated: batchsize_study/lr_sensitivity.py)."""
     final_window: int = 20
     """Steps at the end of each run whose training losses give a one-seed noise estimate."""
+    point: int | None = None
+    """null: one process trains the whole grid, then writes the summary. An index: only grid
+    point ``point`` of seeds x LRs (seed-major, LRs as asked), so the points can run as parallel
+    jobs; a ``-m`` multirun of experiment=lr_sweep expands it over the grid by itself."""
+
+    @staticmethod
+    def grid_size(sweep: Any) -> int:
+        """Grid points (seeds x asked LRs) of a sweep node or SweepConfig; the ``sweep_points``
+        resolver that expands ``sweep.point`` in a multirun (conf/experiment/lr_sweep.yaml)."""
+        asked = sweep.lrs if sweep.lrs is not None else sweep.multiples
+        return len(asked) * len(sweep.seeds or [None])
 
     def __post_init__(self) -> None:
         _check(
@@ -231,6 +243,14 @@ class SweepConfig:
         _check(
             self.final_window >= 2, "sweep.final_window", self.final_window, "use at least 2 steps"
         )
+        if self.point is not None:
+            n = SweepConfig.grid_size(self)
+            _check(
+                0 <= self.point < n,
+                "sweep.point",
+                self.point,
+                f"use an index of the grid's {n} points (0..{n - 1}), or null for the whole grid",
+            )
 
 
 @dataclass
@@ -680,14 +700,21 @@ class Config:
     seed: int = 0
     batch_size: int = 16
     """Effective batch: sequences per optimizer step (devices x micro batch x accumulation)."""
-    micro_batch_size: int = 16
-    """Sequences per device per forward pass; accumulation is derived, never set by hand."""
+    micro_batch_size: int | str = 16
+    """Sequences per device per forward pass; accumulation is derived, never set by hand. auto:
+    the largest divisor of the per-device batch that fits the GPU (trial steps backing off on
+    out-of-memory, batchsize_study/microbatch.py); the whole per-device batch on a CPU."""
     max_steps: int = 300
     warmup_steps: int = 30
     lr: float | None = None
     """Peak LR. superconvergence: the too-high target. small/large: null derives it."""
     lr_factor: float = 0.5
     """y = lr_factor * x: the small batch trains at this fraction of the measured unstable LR."""
+    x_from: str = "seed"
+    """Which superconvergence records x comes from. seed: the run's own seed's (else the median
+    of the study's); median: the median over every superconvergence run of this configuration
+    and batch size (run them with ``-m experiment=superconvergence seed=0,1,2``): one seed's x
+    scatters by a factor of ~2 (docs/lr_sweep.md), the median of several by less."""
     lr_scaling: LRScalingConfig = field(default_factory=LRScalingConfig)
     allow_step_mismatch: bool = False
     """large_batch: allow max_steps/warmup_steps to differ from the small run's (recorded)."""
@@ -700,8 +727,8 @@ class Config:
     force: bool = False
     """Re-run a finished run instead of reporting its existing record."""
     precision: str = "auto"
-    """auto picks per device (runtime.resolve_precision): bf16-mixed on GPUs with bf16 (Ampere
-    and later) and on CPUs with native bf16 matmuls (AVX512-BF16/AMX: 1.31x fp32 for the default
+    """auto picks per device (runtime.auto_precision): bf16-mixed on GPUs that run bf16 natively
+    (compute capability 8.0+, Ampere and later) and on CPUs with native bf16 matmuls (AVX512-BF16/AMX: 1.31x fp32 for the default
     model, benchmarks/README.md), 16-mixed on older GPUs, else fp32 (32-true)."""
     compile: bool = False
     """torch.compile the model. Off on every device by default: on CPU it loses (about 120 s of
@@ -742,6 +769,8 @@ class Config:
 def register_schema() -> None:
     """Register the schema so conf/config.yaml can name it first in its defaults list."""
     ConfigStore.instance().store(name="schema", node=Config)
+    if not OmegaConf.has_resolver("sweep_points"):
+        OmegaConf.register_new_resolver("sweep_points", SweepConfig.grid_size)
 
 
 DERIVED_TRAINER_KEYS = {
@@ -798,13 +827,26 @@ def validate(cfg: DictConfig | Config) -> Config:
         c.task in TASKS, "task", c.task, f"use one of {', '.join(TASKS)} (set by experiment=...)"
     )
     _check(c.batch_size >= 1, "batch_size", c.batch_size, "use a positive number of sequences")
-    _check(c.micro_batch_size >= 1, "micro_batch_size", c.micro_batch_size, "use a positive number")
-    _check(
-        c.micro_batch_size <= c.batch_size,
-        "micro_batch_size",
-        c.micro_batch_size,
-        f"must not exceed batch_size={c.batch_size}; lower micro_batch_size",
-    )
+    if c.micro_batch_size != "auto":
+        _check(
+            isinstance(c.micro_batch_size, int) and c.micro_batch_size >= 1,
+            "micro_batch_size",
+            c.micro_batch_size,
+            "use a positive number, or auto",
+        )
+        _check(
+            c.micro_batch_size <= c.batch_size,  # type: ignore[operator]
+            "micro_batch_size",
+            c.micro_batch_size,
+            f"must not exceed batch_size={c.batch_size}; lower micro_batch_size",
+        )
+    elif c.task == "stability_probe":
+        _check(
+            not c.probe.lr_find,
+            "micro_batch_size",
+            c.micro_batch_size,
+            "the probe's Lightning lr_find takes a number; give one, or probe.lr_find=false",
+        )
     _check(c.max_steps >= 1, "max_steps", c.max_steps, "use a positive number of optimizer steps")
     _check(
         0 <= c.warmup_steps <= c.max_steps,
@@ -819,6 +861,7 @@ def validate(cfg: DictConfig | Config) -> Config:
             c.lr is not None, "lr", c.lr, "superconvergence needs the too-high target, e.g. lr=0.05"
         )
     _check(c.lr_factor > 0, "lr_factor", c.lr_factor, "use a positive fraction such as 0.5")
+    _check(c.x_from in X_FROM, "x_from", c.x_from, "use " + " or ".join(X_FROM))
     _check(c.val_every_steps >= 1, "val_every_steps", c.val_every_steps, "use a positive number")
     _check(
         c.checkpoint_every_steps >= 1,

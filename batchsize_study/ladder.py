@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import Counter
 from typing import Any
+
+from scipy.stats import linregress
 
 from batchsize_study.stats import median, t_quantile
 
@@ -40,25 +41,56 @@ def steps_to_target(steps: list[int], smoothed: list[float], target: float) -> i
     return None
 
 
-def fit_critical_batch(batch_sizes: list[float], steps: list[float]) -> dict[str, float] | None:
-    """Least squares of S = S_min + (S_min B_crit) / B (McCandlish et al. 2018, eq. 2.11).
+def fit_critical_batch(
+    batch_sizes: list[float], steps: list[float | None], level: float = 0.95
+) -> dict[str, float | None] | None:
+    """Least squares of S = S_min + (S_min B_crit) / B (McCandlish et al. 2018, eq. 2.11), with
+    an interval on B_crit so a fit over a few noisy rungs is not read as exact.
 
-    Linear in 1/B: S = a + b/B with a = S_min, b = S_min B_crit, so B_crit = b / a. Needs
-    :data:`MIN_FIT_RUNGS` distinct batch sizes (two would fit exactly, whatever the curve);
-    None with fewer, or when the fit is non-physical (a <= 0 or b < 0).
+    Linear in 1/B: S = a + b/B with a = S_min, b = S_min B_crit, so B_crit = b / a; the line is
+    scipy.stats.linregress's. Needs :data:`MIN_FIT_RUNGS` distinct batch sizes (two would fit
+    exactly, whatever the curve); None with fewer, or when the fit is non-physical (a <= 0 or
+    b < 0).
+
+    The interval (``b_crit_lo``, ``b_crit_hi`` at ``level``) is the delta method on
+    log B_crit = log b - log a with the fit's covariance: var(b) and var(a) are linregress's
+    squared standard errors, cov(a, b) = -mean(1/B) var(b) for ordinary least squares, and
+    var(log B_crit) = var(b)/b^2 + var(a)/a^2 - 2 cov(a, b)/(a b); a t interval with n - 2
+    degrees of freedom, exponentiated (positive ends; the log scale as for the noise scale,
+    which varies by factors). ``b_crit_se`` is the same on B_crit's scale, B_crit se(log B_crit).
+    With B_crit = 0 there is no log: the interval is None. Least squares assumes equal noise on
+    every rung's steps: simulated ladders give 95 % coverage then, ~92 % when the noise is
+    proportional to S (tests/test_stats.py).
     """
     pts = [(1.0 / b, s) for b, s in zip(batch_sizes, steps) if s is not None]
     if len({p[0] for p in pts}) < MIN_FIT_RUNGS:
         return None
-    n = len(pts)
-    mx = sum(p[0] for p in pts) / n
-    my = sum(p[1] for p in pts) / n
-    sxx = sum((p[0] - mx) ** 2 for p in pts)
-    b = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
-    a = my - b * mx
+    x = [p[0] for p in pts]
+    line = linregress(x, [p[1] for p in pts])
+    a, b = float(line.intercept), float(line.slope)
     if a <= 0 or b < 0:
         return None
-    return {"s_min": a, "b_crit": b / a}
+    df = len(pts) - 2
+    out: dict[str, float | None] = {
+        "s_min": a,
+        "b_crit": b / a,
+        "b_crit_se": None,
+        "b_crit_lo": None,
+        "b_crit_hi": None,
+        "level": level,
+        "df": df,
+    }
+    if b > 0:
+        var_b, var_a = line.stderr**2, line.intercept_stderr**2
+        cov_ab = -statistics.fmean(x) * var_b
+        se_log = math.sqrt(max(0.0, var_b / b**2 + var_a / a**2 - 2 * cov_ab / (a * b)))
+        half = t_quantile(level, df) * se_log
+        out.update(
+            b_crit_se=b / a * se_log,
+            b_crit_lo=b / a * math.exp(-half),
+            b_crit_hi=b / a * math.exp(half),
+        )
+    return out
 
 
 def regime(b_lo: float, s_lo: float, b_hi: float, s_hi: float) -> tuple[float, str]:
@@ -163,26 +195,6 @@ def value_at(steps: list[int], values: list[float], step: int) -> float | None:
     return values[-1] if values else None
 
 
-def select_rungs(
-    records: list[dict[str, Any]],
-) -> tuple[tuple[Any, Any], dict[int, list[dict[str, Any]]]] | None:
-    """The ladder's records: completed small_batch and large_batch runs of the most common
-    (model/data configuration, step budget), by batch size. None when there is none."""
-    recs = [
-        r
-        for r in records
-        if r.get("experiment") in ("small_batch", "large_batch") and r.get("status") == "completed"
-    ]
-    if not recs:
-        return None
-    key, _ = Counter((r.get("compat_key"), r.get("max_steps")) for r in recs).most_common(1)[0]
-    by_batch: dict[int, list[dict[str, Any]]] = {}
-    for r in recs:
-        if (r.get("compat_key"), r.get("max_steps")) == key:
-            by_batch.setdefault(int(r["batch_size"]), []).append(r)
-    return key, by_batch
-
-
 def rung(records: list[dict[str, Any]], steps: list[int], smoothed_mean: list[float]) -> dict:
     """One rung from its records (one per seed) and its seed-mean smoothed loss curve."""
     gns = [r["gradient_noise_scale"] for r in records if r.get("gradient_noise_scale")]
@@ -203,6 +215,7 @@ def analyse_ladder(
     key: tuple[Any, Any],
     target: float | None = None,
     noise: dict[str, Any] | None = None,
+    level: float = 0.95,
 ) -> dict[str, Any]:
     """Loss at fixed steps, steps to the target loss, Shallue's regime per rung step, the fit of
     S = S_min (1 + B_crit / B), and where each rung sits against the noise scale ``noise``
@@ -233,7 +246,7 @@ def analyse_ladder(
             )
         prev = r
     fit = fit_critical_batch(
-        [r["batch_size"] for r in rungs], [r["steps_to_target"] for r in rungs]
+        [r["batch_size"] for r in rungs], [r["steps_to_target"] for r in rungs], level
     )
     reached = len({r["batch_size"] for r in rungs if r["steps_to_target"] is not None})
     if fit is not None:

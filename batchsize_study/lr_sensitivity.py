@@ -32,7 +32,11 @@ import math
 import statistics
 from typing import Any
 
-SUMMARY = "lr_sweep_summary"
+from batchsize_study.metrics import METRICS, read_metrics
+from batchsize_study.study import beside
+from batchsize_study.study.stages import LR_SWEEP_SUMMARY
+
+SUMMARY = LR_SWEEP_SUMMARY
 """The experiment name of an LR sweep's summary record."""
 
 
@@ -173,3 +177,30 @@ def relation(lr: float, ref: float) -> str:
     if math.isclose(ratio, 1.0, rel_tol=0.05):
         return "at"
     return f"{ratio:.3g}x above" if ratio > 1 else f"{1 / ratio:.3g}x below"
+
+
+def point(rec: dict[str, Any], final_window: int) -> dict[str, Any]:
+    """One run record as a sweep point: its final val loss and the one-seed noise estimate."""
+    diverged = rec.get("status") != "completed"
+    loss = rec.get("final_val_loss")
+    kind = "val"
+    if loss is None and not diverged:
+        loss, kind = rec.get("final_train_loss"), "train"
+    # the run's own metrics.csv, beside its record: a moved or copied study reads its own curves
+    path = beside(rec, METRICS) if rec.get("_path") else rec.get("metrics_csv")
+    losses = read_metrics(path).train_loss.tolist() if path else []
+    return {
+        "lr": rec["lr"],
+        "seed": rec.get("seed"),
+        "final_loss": None if (diverged or loss is None or not math.isfinite(loss)) else loss,
+        "loss_kind": kind,
+        "diverged": diverged,
+        "status": rec.get("status"),
+        "train_se": window_se(losses, final_window),
+        # The validation set's own standard error of that loss (kind "val" only): the per-step
+        # comparison's error bar, where the train window is the sweep's noise estimate.
+        "val_se": rec.get("final_val_loss_se") if kind == "val" else None,
+        "final_train_loss": rec.get("final_train_loss"),
+        "wall_seconds": rec.get("wall_seconds"),
+        "run_id": rec.get("run_id"),
+    }

@@ -19,7 +19,8 @@ from batchsize_study.config import Config, OptimConfig
 from batchsize_study.detector import Verdict
 from batchsize_study.metrics import METRICS, read_metrics
 from batchsize_study.stats import fmt, median
-from batchsize_study.study import FINAL_STATUSES, RECORD, LRChoice, read_records
+from batchsize_study.study import RECORD, LRChoice
+from batchsize_study.study.stages import SMALL_BATCH, STAGES
 
 log = logging.getLogger("batchsize_study")
 
@@ -44,12 +45,17 @@ class RunOutcome:
     steps_done: int
     verdict: Verdict
     started_at: float
+    """This process's start (time.time()): the record counts its whole time (setup included)."""
     precision: str
     host_allocator: str = "system"
     """What runtime.tune_host_allocator did: throughput depends on it on a CPU."""
     flops_per_token: float | None = None
     peak_flops: float | None = None
-    tokens_per_second: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    """This process's training time as counted in metrics.csv's elapsed_s (0: trained nothing)."""
+    startup_steps: list[int] = field(default_factory=list)
+    """Steps of the whole run whose timing holds a process's start-up: left out of the
+    throughput (StepRecorder.startup_steps)."""
     val: dict[str, float] = field(default_factory=dict)
     """The last validation of this process (empty when it ran none)."""
     noise: dict[str, Any] | None = None
@@ -67,7 +73,16 @@ def build_record(o: RunOutcome) -> dict[str, Any]:
         if o.val
         else curves.final_val
     )
-    tps = median(o.tokens_per_second) if o.tokens_per_second else None
+    # Timing describes the whole run, across resumed processes (metrics.csv): tokens/s is the
+    # median over its steps of each step's transfer rate, start-up steps left out; wall_seconds
+    # is its training time (the last elapsed_s, which continues across a resume) plus this
+    # process's time outside training (setup, final validation). Earlier processes' setup and
+    # steps they ran past their last checkpoint (trained again) are not counted.
+    rates = curves.steady_tokens_per_second(set(o.startup_steps))
+    tps = median(rates) if rates else None
+    this_process = time.time() - o.started_at
+    trained = curves.train_seconds
+    wall = this_process if trained is None else trained + max(0.0, this_process - o.train_seconds)
     rec: dict[str, Any] = {
         "experiment": c.task,
         "status": o.status,
@@ -95,7 +110,7 @@ def build_record(o: RunOutcome) -> dict[str, Any]:
         "final_val_loss_se": final_val[2] if final_val else None,
         "checkpoint": str(o.checkpoint) if o.checkpoint and o.checkpoint.exists() else None,
         "metrics_csv": str(o.run_dir / METRICS),
-        "wall_seconds": round(time.time() - o.started_at, 2),
+        "wall_seconds": round(wall, 2),
         "tokens_per_second": tps,
         "flops_per_token": o.flops_per_token,
         "peak_flops": o.peak_flops,
@@ -120,11 +135,10 @@ def build_record(o: RunOutcome) -> dict[str, Any]:
     if o.noise is not None:
         rec["gradient_noise_scale"] = o.gradient_noise_scale  # sequences
         rec["noise"] = o.noise
-    if c.task == "stability_probe":
-        rec["probe_multiple"] = extra.get("probe_multiple")
-    if c.task == "lr_sweep":
-        rec["sweep_multiple"] = extra.get("sweep_multiple")
-    if c.task == "superconvergence" and v.destabilised:
+    stage = STAGES[c.task]
+    if stage.record_field:  # a probe's or a sweep point's multiple of x
+        rec[stage.record_field] = extra.get(stage.record_field)
+    if stage.stops_on_rise and v.destabilised:
         rec.update(
             unstable_lr=v.onset_lr,
             spike_step=v.onset_step,
@@ -134,7 +148,7 @@ def build_record(o: RunOutcome) -> dict[str, Any]:
             warmup_shape=c.schedule.warmup_shape,
             detector=asdict(c.detector),  # lets the report replay metrics.csv under other rules
         )
-    if c.task == "large_batch" and extra.get("unstable_lr"):
+    if stage.needs == SMALL_BATCH and extra.get("unstable_lr"):
         rec["z_over_x"] = o.lr.peak_lr / extra["unstable_lr"]
         if rec["z_over_x"] > 1:
             log.info(
@@ -144,7 +158,7 @@ def build_record(o: RunOutcome) -> dict[str, Any]:
                 extra["unstable_lr"],
                 rec["z_over_x"],
             )
-    if c.task in ("small_batch", "large_batch", "stability_probe", "lr_sweep") and v.destabilised:
+    if not stage.stops_on_rise and v.destabilised:  # a rise where none should be: said
         rec["instability_warning"] = {
             "onset_step": v.onset_step,
             "onset_lr": v.onset_lr,
@@ -153,17 +167,6 @@ def build_record(o: RunOutcome) -> dict[str, Any]:
     if o.status == "failed" and o.failed_step is not None:
         rec["failed_step"] = o.failed_step
     return rec
-
-
-def existing_record(path: Path) -> dict[str, Any] | None:
-    """The record at ``path`` when it holds a final status (a finished run is reported, not
-    redone); None otherwise."""
-    if not path.exists():
-        return None
-    recs = [r for r in read_records(path.parent.parent.parent) if r["_path"] == str(path)]
-    if recs and recs[0].get("status") in FINAL_STATUSES:
-        return recs[0]
-    return None
 
 
 def announce(rec: dict[str, Any]) -> None:
@@ -178,7 +181,7 @@ def announce(rec: dict[str, Any]) -> None:
         fmt(rec["final_train_loss"]),
         fmt(rec["final_val_loss"]),
     )
-    if rec["experiment"] == "superconvergence":
+    if STAGES[rec["experiment"]].stops_on_rise:
         if rec["status"] == "diverged":
             log.info(
                 "unstable lr x = %.6g (onset at step %s)", rec["unstable_lr"], rec["spike_step"]

@@ -16,7 +16,8 @@ import math
 import sys
 
 from batchsize_study.detector import replay
-from batchsize_study.sweep_report import _detector_cfg, read_rows, seed_rule, sweeps
+from batchsize_study.report.sweeps import _detector_cfg, read_rows, seed_rule, sweeps
+from batchsize_study.study import select
 
 
 def interpolate_loss(per_lr: list[dict], lr: float) -> float | None:
@@ -31,10 +32,11 @@ def interpolate_loss(per_lr: list[dict], lr: float) -> float | None:
 
 def main(dirs: list[str]) -> None:
     for d in dirs:
-        sc = seed_rule(d)["sc"]
-        sw = sweeps(d)
+        sel = select(d)
+        sc = seed_rule(sel)["sc"]
+        sw = sweeps(sel)
         small = sw[min(sw)] if sw else None
-        rows = [(int(r["step"]), r["lr"], r["train_loss"]) for r in read_rows(sc["metrics_csv"])]
+        rows = [(int(r["step"]), r["lr"], r["train_loss"]) for r in read_rows(sc)]
         out = {"study": d, "warmup_shape": sc.get("warmup_shape"), "record_x": sc["unstable_lr"]}
         if small:
             out.update(

@@ -20,7 +20,7 @@ from batchsize_study.ladder import (
 )
 from batchsize_study.report.load import load_ladder
 from batchsize_study.report.sections import ReportContext, ladder_markdown, ladder_section
-from batchsize_study.study import read_records
+from batchsize_study.study import select, select_records
 
 
 def test_fit_recovers_critical_batch():
@@ -60,7 +60,7 @@ def test_smoke_ladder_of_three_batch_sizes_gives_both_plots(cfg_factory, tmp_pat
         assert rec["status"] == "completed"
     out = tmp_path / "report"
     out.mkdir()
-    sec = ladder_section(read_records(study), ReportContext(out, CompareConfig()))
+    sec = ladder_section(select(study), ReportContext(out, CompareConfig()))
     md, data, pngs = sec.markdown, sec.data, [out / p for p in sec.plots]
     assert [r["batch_size"] for r in data["rungs"]] == [8, 16, 32]
     assert sorted(Path(p).name for p in pngs) == [
@@ -79,8 +79,8 @@ def test_smoke_ladder_of_three_batch_sizes_gives_both_plots(cfg_factory, tmp_pat
 
 
 def test_ladder_section_without_runs(tmp_path: Path):
-    assert load_ladder([])["rungs"] == []
-    sec = ladder_section([], ReportContext(tmp_path, CompareConfig()))
+    assert load_ladder(select_records([], tmp_path))["rungs"] == []
+    sec = ladder_section(select(tmp_path), ReportContext(tmp_path, CompareConfig()))
     assert sec.plots == [] and "No ladder" in sec.markdown and sec.data["rungs"] == []
 
 
@@ -151,7 +151,7 @@ def test_noise_scale_regime_only_when_the_interval_supports_it(tmp_path: Path):
     """Seeds 0 and 1 measure B_simple 1,261 and 132 (tenfold apart, as on the default study):
     no regime conclusion from their median."""
     recs = _ladder_study(tmp_path, {(64, 0): (1261.0, None), (64, 1): (132.0, None)})
-    d = load_ladder(recs)
+    d = load_ladder(select_records(recs, tmp_path))
     est = d["noise_scale"]
     assert est["n_seeds"] == 2 and est["interval"][0] < 64 / 2 and est["interval"][1] > 2 * 64
     assert d["rungs"][0]["noise_regime"] == "uncertain"
@@ -162,7 +162,7 @@ def test_noise_scale_regime_only_when_the_interval_supports_it(tmp_path: Path):
 def test_noise_scale_regime_with_a_tight_interval(tmp_path: Path):
     seeds = {(16, s): (v, None) for s, v in enumerate((500.0, 520.0, 510.0))}
     seeds |= {(4096, s): (v, None) for s, v in enumerate((505.0, 515.0, 512.0))}
-    d = load_ladder(_ladder_study(tmp_path, seeds))
+    d = load_ladder(select_records(_ladder_study(tmp_path, seeds), tmp_path))
     lo, hi = d["noise_scale"]["interval"]
     assert 450 < lo < 510 < hi < 560
     assert [r["noise_regime"] for r in d["rungs"]] == ["below", "above"]
@@ -170,11 +170,15 @@ def test_noise_scale_regime_with_a_tight_interval(tmp_path: Path):
 
 
 def test_one_seed_uses_the_recorded_interval(tmp_path: Path):
-    d = load_ladder(_ladder_study(tmp_path, {(16, 0): (500.0, [400.0, 600.0])}))
+    d = load_ladder(
+        select_records(_ladder_study(tmp_path, {(16, 0): (500.0, [400.0, 600.0])}), tmp_path)
+    )
     assert d["noise_scale"]["interval"] == [400.0, 600.0]
     assert d["noise_scale"]["method"].startswith("the run's own interval")
     assert d["rungs"][0]["noise_regime"] == "below"
-    d = load_ladder(_ladder_study(tmp_path / "b", {(16, 0): (500.0, None)}))
+    d = load_ladder(
+        select_records(_ladder_study(tmp_path / "b", {(16, 0): (500.0, None)}), tmp_path)
+    )
     assert d["noise_scale"]["interval"] is None and d["rungs"][0]["noise_regime"] == "uncertain"
     assert "too uncertain" in ladder_markdown(d)
 

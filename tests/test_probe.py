@@ -19,7 +19,7 @@ from batchsize_study.probe_analysis import (
     still_improving,
 )
 from batchsize_study.report.sections import ReportContext, probe_section
-from batchsize_study.study import read_records
+from batchsize_study.study import read_records, select
 
 
 def _p(m: float, loss: float, se: float = 0.0, destabilised: bool = False) -> dict:
@@ -95,7 +95,7 @@ def test_smoke_stability_probe_end_to_end(cfg_factory, tmp_path: Path):
     assert on_disk["first_bad_multiple"] == summary["first_bad_multiple"]
     out = tmp_path / "report"
     out.mkdir()
-    sec = probe_section(read_records(study), ReportContext(out, CompareConfig()))
+    sec = probe_section(select(study), ReportContext(out, CompareConfig()))
     assert sec.title == "Is x real? (stability probe)" and "lr_find" in sec.markdown
     assert sec.data["unstable_lr"] == sc["unstable_lr"]
     assert sec.plots == ["stability_probe.png"] and (out / "stability_probe.png").exists()

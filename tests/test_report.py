@@ -20,7 +20,7 @@ from batchsize_study import report, stats
 from batchsize_study.errors import ConfigError, UserError
 from batchsize_study.experiments import run
 from batchsize_study.recorder import CSV_FIELDS
-from batchsize_study.report import sections
+from batchsize_study.report import figures, sections
 from batchsize_study.study import write_json_atomic
 
 SEQ = 8
@@ -268,25 +268,21 @@ def test_a_section_is_one_function(tmp_path: Path) -> None:
     assert "extra" not in report.build_report(tmp_path)["sections"]  # nothing global changed
 
 
-def test_an_external_section_is_adapted(tmp_path: Path) -> None:
-    """A section built elsewhere as (markdown, data, PNG paths), e.g. an LR sweep."""
+def test_a_section_of_ones_own_joins_the_report(tmp_path: Path) -> None:
+    """Every section has one signature, ``(study, ctx) -> Section``: a user's own joins the
+    list, writes its figure through ctx.save (compare.dpi) and lands in comparison.json."""
     write_run(tmp_path, "small_batch", 8, 0, curve(20))
     write_run(tmp_path, "large_batch", 16, 0, curve(20))
 
-    def sweep(study_dir: Path, out_dir: Path) -> tuple[str, dict, list[str]]:
-        (out_dir / "sweep.png").write_bytes(b"png")
-        return (
-            f"## LR sweep\n\nswept {study_dir.name}",
-            {"best_lr": 0.01},
-            [str(out_dir / "sweep.png")],
-        )
+    def mine(study: report.Study, ctx: report.ReportContext) -> report.Section:
+        fig, ax = figures.new_figure()
+        ax.plot([0, 1], [0, 1])
+        name = ctx.save(fig, "mine.png")
+        return report.Section("mine", "Mine", f"runs: {len(study.runs)}", {"n": 2}, [name])
 
-    order = (*report.SECTIONS, sections.external("lr_sweep", "LR sweep", sweep))
-    comp = report.build_report(tmp_path, sections=order)
-    assert comp["lr_sweep"] == {"best_lr": 0.01} and "sweep.png" in comp["plots"]
-    assert (
-        f"## LR sweep\n\nswept {tmp_path.name}\n" in (tmp_path / "report" / "report.md").read_text()
-    )
+    comp = report.build_report(tmp_path, sections=(*report.SECTIONS, mine))
+    assert comp["mine"] == {"n": 2} and "mine.png" in comp["plots"]
+    assert "## Mine\n\nruns: 2\n" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_the_report_imports_no_training() -> None:

@@ -128,3 +128,22 @@ def test_derived_lrs_are_exact_and_use_one_median(tmp_path):
     assert large.derivation["small_lr"] == 0.1  # median of y = 0.05, 0.15
     assert large.derivation["unstable_lr"] == 0.2  # median of x = 0.1, 0.3 (was 0.3)
     assert large.peak_lr == 0.1 * (64 / 16) ** 0.5
+
+
+def test_x_from_median_rests_x_on_every_seed_newest_per_seed(tmp_path):
+    _rec(tmp_path, "a", seed=0, unstable_lr=0.01, finished_at=1)
+    _rec(tmp_path, "b", seed=1, unstable_lr=0.03, finished_at=2)
+    _rec(tmp_path, "c", seed=2, unstable_lr=0.02, finished_at=3)
+    _rec(tmp_path, "d", seed=1, unstable_lr=0.05, finished_at=4)  # seed 1 re-run: replaces b
+    own = find_unstable_lr(str(tmp_path), seed=0, compat_key="k", batch_size=16)
+    assert own.value == 0.01 and len(own.records) == 1
+    up = find_unstable_lr(str(tmp_path), seed=0, compat_key="k", batch_size=16, rule="median")
+    assert up.value == 0.02 and len(up.records) == 3 and "x_from=median" in up.selection
+    assert not any(p.endswith("b/result.json") for p in up.paths)
+
+
+def test_x_from_is_validated():
+    from batchsize_study.config import Config, validate
+
+    with pytest.raises(ConfigError, match="x_from"):
+        validate(Config(task="small_batch", x_from="mean"))

@@ -347,6 +347,7 @@ def verdict_for(study: Study, large: Group, s: CompareConfig) -> dict[str, Any]:
         f"Verdict: per step the hypothesis is **{verdict_step}**; per token it is "
         f"**{verdict_token}**."
     )
+    n_pairs = len(pairs_by_seed(small, large))
     return {
         "large_batch_size": large.batch_size,
         "small_batch_size": small.batch_size,
@@ -354,6 +355,15 @@ def verdict_for(study: Study, large: Group, s: CompareConfig) -> dict[str, Any]:
         "small_seeds": small.seeds,
         "per_step_verdict": verdict_step,
         "per_token_verdict": verdict_token,
+        # A verdict's weight, in the object and not only in the prose: one paired seed is the
+        # sign of one difference; two or more are a test across seeds.
+        "paired_seeds": n_pairs,
+        "one_seed": n_pairs <= 1,
+        "evidence": (
+            "one seed: the sign of one paired difference, no test across seeds"
+            if n_pairs <= 1
+            else f"a paired t-test across {n_pairs} seeds"
+        ),
         "per_step": {k: v for k, v in per_step.items() if not _is_curve(k)},
         "per_token": {k: v for k, v in per_token.items() if not _is_curve(k)},
         "curves": {
@@ -372,22 +382,3 @@ def _is_curve(key: str) -> bool:
 def overall(verdicts: list[str]) -> str:
     """One verdict when every large batch agrees, else 'mixed'."""
     return verdicts[0] if len(set(verdicts)) == 1 else "mixed"
-
-
-def lr_marks(study: Study) -> dict[str, Any]:
-    """x, y and z as the records state them (means over seeds)."""
-
-    def mean(vals: list[Any]) -> float | None:
-        v = [float(a) for a in vals if a is not None]
-        return sum(v) / len(v) if v else None
-
-    return {
-        "x_unstable_lr": mean(
-            [r.record.get("unstable_lr") for r in study.superconvergence]
-            or [r.record.get("unstable_lr") for r in study.small.runs]
-        ),
-        "y_small_lr": mean([r.record.get("lr") for r in study.small.runs]),
-        "z_large_lr": {
-            g.batch_size: mean([r.record.get("lr") for r in g.runs]) for g in study.large
-        },
-    }

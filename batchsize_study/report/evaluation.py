@@ -3,14 +3,16 @@ per-window losses; this reads them). numpy and matplotlib only: the report loads
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from batchsize_study.stats import fmt
-from batchsize_study.study import EVALUATION as EXPERIMENT
+from batchsize_study.report.context import ReportContext, Section
+from batchsize_study.report.figures import new_figure
+from batchsize_study.report.load import Study
+from batchsize_study.stats import fmt, t_quantile
 from batchsize_study.study import EVALUATION_LOSSES as LOSSES_FILE
+from batchsize_study.study import Selection, beside
 
 
 def _fence(text: str) -> str:
@@ -23,25 +25,19 @@ def _fence(text: str) -> str:
 
 
 def _losses_of(rec: dict[str, Any]) -> dict[str, np.ndarray] | None:
-    """Per-window losses of an evaluate record (its recorded file, else the one beside it)."""
-    for p in (rec.get("per_window_losses"), Path(rec.get("_path", ".")).parent / LOSSES_FILE):
-        if p and Path(p).is_file():
-            with np.load(p) as z:
-                return {str(n): z["losses"][i] for i, n in enumerate(z["run_ids"])}
+    """Per-window losses of an evaluate record: the file beside it in the study folder (never
+    the recorded absolute path, which may be another copy of the study)."""
+    p = beside(rec, LOSSES_FILE)
+    if p.is_file():
+        with np.load(p) as z:
+            return {str(n): z["losses"][i] for i, n in enumerate(z["run_ids"])}
     return None
 
 
 def evaluate_figure(rec: dict[str, Any], losses: dict[str, np.ndarray] | None) -> Any:
     """Left: each model's test loss with its interval; right: the per-window differences large
     minus small (pooled over seeds) with the bootstrap interval of their mean."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from batchsize_study.stats import t_quantile
-
-    fig = Figure(figsize=(10.0, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_l, ax_r = fig.subplots(1, 2)
+    fig, (ax_l, ax_r) = new_figure(10.0, 4.2, ncols=2)
     level = rec["evaluate"]["confidence"]
     z = t_quantile(level, 10**6)
     rows = rec["models"]
@@ -83,22 +79,30 @@ def evaluate_figure(rec: dict[str, Any], losses: dict[str, np.ndarray] | None) -
     return fig
 
 
-def evaluate_section(
-    records: list[dict[str, Any]], out_dir: str | Path, dpi: int = 130
-) -> tuple[str, dict[str, Any], list[str]]:
-    """(markdown, json-able data, PNG paths) of the study's latest test-set evaluation."""
-    recs = [
-        r for r in records if r.get("experiment") == EXPERIMENT and r.get("status") == "completed"
-    ]
-    lines = ["## Saved models on the held-out test split", ""]
-    if not recs:
-        lines.append(
+def evaluate_section(study: Study, ctx: ReportContext) -> Section:
+    """The saved models on the held-out test split (experiment=evaluate), when it has run."""
+    assert study.selection is not None
+    return evaluation_section(study.selection, ctx)
+
+
+def evaluation_section(sel: Selection, ctx: ReportContext) -> Section:
+    """The selection's test-set evaluation: of the compared runs, or saying of which others."""
+    key, title = "evaluation", "The saved models on the test split"
+    rec = sel.evaluation
+    lines: list[str] = []
+    if rec is None:
+        return Section(
+            key,
+            title,
             "No test-set evaluation in this study: `python -m batchsize_study experiment=evaluate` "
-            "(after large_batch) scores the saved models on the held-out test split."
+            "(after large_batch) scores the saved models on the held-out test split.",
+            {},
         )
-        return "\n".join(lines) + "\n", {}, []
-    rec = recs[-1]
+    if sel.evaluation_note:
+        lines += [f"**Note: {sel.evaluation_note}**", ""]
     data = {k: v for k, v in rec.items() if k != "_path"}
+    data["of_compared_runs"] = sel.evaluation_note is None
+    data["note"] = sel.evaluation_note
     ts = rec["test_split"]
     level = rec["evaluate"]["confidence"]
     if rec.get("warning"):
@@ -141,14 +145,8 @@ def evaluate_section(
         )
     if rec.get("not_evaluated"):
         lines += ["", "Not evaluated: " + "; ".join(rec["not_evaluated"]) + "."]
-    pngs: list[str] = []
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fig = evaluate_figure(rec, _losses_of(rec))
-    png = out / "evaluate_test_loss.png"
-    fig.savefig(png, dpi=dpi, bbox_inches="tight")
-    pngs.append(str(png))
-    lines += ["", f"![test loss]({png.name})", ""]
+    png = ctx.save(evaluate_figure(rec, _losses_of(rec)), "evaluate_test_loss.png")
+    lines += ["", f"![test loss]({png})", ""]
     s = rec["evaluate"]
     how = "greedy" if not s["temperature"] else f"sampled at temperature {s['temperature']}"
     samples = [r for r in rec["models"] if r.get("samples")]
@@ -165,4 +163,4 @@ def evaluate_section(
                 text = f"{smp['prompt']}⟶{smp['continuation']}"
                 fence = _fence(text)
                 lines += [fence, text, fence, ""]
-    return "\n".join(lines) + "\n", data, pngs
+    return Section(key, title, "\n".join(lines).strip(), data, [png])

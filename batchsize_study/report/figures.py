@@ -13,8 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FixedLocator, NullFormatter, NullLocator
 
-from batchsize_study.report.compare import lr_marks
 from batchsize_study.report.load import Group, Study
+from batchsize_study.study.stages import SMALL_BATCH
 
 SMALL_COLOR = "#1f77b4"
 LARGE_COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
@@ -23,7 +23,7 @@ LOSS_LABEL = "loss (nats per token)"
 X_LABEL = {"step": "optimizer step", "tokens": "tokens seen"}
 
 
-def _figure(w: float = 8.0, h: float = 5.0, ncols: int = 1) -> tuple[Figure, Any]:
+def new_figure(w: float = 8.0, h: float = 5.0, ncols: int = 1) -> tuple[Figure, Any]:
     fig = Figure(figsize=(w, h), layout="constrained")
     FigureCanvasAgg(fig)  # Agg renders the PNG; no pyplot, no display needed
     axes = fig.subplots(1, ncols)
@@ -36,7 +36,7 @@ def save(fig: Figure, path: str | Path, dpi: int) -> None:
 
 
 def group_color(study: Study, group: Group) -> str:
-    if group.experiment == "small_batch":
+    if group.experiment == SMALL_BATCH:
         return SMALL_COLOR
     i = [g.batch_size for g in study.large].index(group.batch_size)
     return LARGE_COLORS[i % len(LARGE_COLORS)]
@@ -58,7 +58,7 @@ def _style(ax: Axes, by: str, title: str) -> None:
 def loss_vs(study: Study, by: str, level: float = 0.95) -> Figure:
     """Training loss (raw, faint; smoothed, bold; interval across seeds, shaded) and validation
     loss (markers) of the small and large batch runs, against optimizer steps or tokens seen."""
-    fig, ax = _figure()
+    fig, ax = new_figure()
     smoothed_top: list[float] = []
     multi = any(len(g.runs) > 1 for g in study.groups)
     for gi, g in enumerate(study.groups):
@@ -128,7 +128,7 @@ def loss_vs(study: Study, by: str, level: float = 0.95) -> Figure:
 def difference(study: Study, comparisons: list[dict[str, Any]], level: float = 0.95) -> Figure:
     """large - small smoothed train loss at matched steps and at matched tokens; below zero the
     large batch is ahead. Validation differences at shared validation steps as markers."""
-    fig, axes = _figure(11.0, 4.5, ncols=2)
+    fig, axes = new_figure(11.0, 4.5, ncols=2)
     for comp in comparisons:
         g = next(g for g in study.large if g.batch_size == comp["large_batch_size"])
         color = group_color(study, g)
@@ -186,8 +186,8 @@ def seed_colors(n: int) -> list[str]:
 
 def lr_schedules(study: Study) -> Figure:
     """The LR of every run per optimizer step, with x, y and z marked as horizontal lines."""
-    fig, ax = _figure()
-    marks = lr_marks(study)
+    fig, ax = new_figure()
+    marks = study.selection.marks() if study.selection else {}
     sc = study.superconvergence
     for i, r in enumerate(sc):
         label = None
@@ -253,8 +253,8 @@ def lr_schedules(study: Study) -> Figure:
 def superconvergence(study: Study) -> Figure:
     """The superconvergence curve: smoothed training loss against LR (log scale) during the
     warmup, with the onset x of each seed (and y, z for reference) marked."""
-    fig, ax = _figure()
-    marks = lr_marks(study)
+    fig, ax = new_figure()
+    marks = study.selection.marks() if study.selection else {}
     tops, lows = [], []
     colors = seed_colors(len(study.superconvergence))
     fired = False
@@ -356,7 +356,7 @@ def _noise_marks(ax: Axes, d: dict[str, Any]) -> None:
 
 def ladder_loss_at_step(d: dict[str, Any]) -> Figure:
     """Smoothed training loss at fixed steps against batch size (one line per step)."""
-    fig, ax = _figure(6.0, 4.0)
+    fig, ax = new_figure(6.0, 4.0)
     rungs = d["rungs"]
     bs = [r["batch_size"] for r in rungs]
     for s in d["loss_steps"]:
@@ -373,7 +373,7 @@ def ladder_loss_at_step(d: dict[str, Any]) -> Figure:
 def ladder_steps_to_target(d: dict[str, Any]) -> Figure:
     """Steps to the target loss against batch size, beside perfect scaling and the fit
     S = S_min (1 + B_crit / B) (McCandlish et al. 2018, eq. 2.11)."""
-    fig, ax = _figure(6.0, 4.0)
+    fig, ax = new_figure(6.0, 4.0)
     rungs = d["rungs"]
     bs = [r["batch_size"] for r in rungs]
     pts = [(r["batch_size"], r["steps_to_target"]) for r in rungs if r["steps_to_target"]]
@@ -407,7 +407,7 @@ def ladder_steps_to_target(d: dict[str, Any]) -> Figure:
 def stability_probe(rec: dict[str, Any], losses: dict[float, list[float]]) -> Figure:
     """Left: each constant-LR probe's training loss per step (``losses`` by multiple of x).
     Right: final loss against LR with x, the probe boundary and lr_find's suggestion."""
-    fig, (ax1, ax2) = _figure(11.0, 4.0, ncols=2)
+    fig, (ax1, ax2) = new_figure(11.0, 4.0, ncols=2)
     x = rec["unstable_lr"]
     for p in rec["probes"]:
         steps_losses = losses.get(p["multiple"]) or []

@@ -13,20 +13,13 @@ from typing import Any
 import numpy as np
 
 from batchsize_study.errors import UserError
-from batchsize_study.ladder import (
-    SMOOTHING,
-    analyse_ladder,
-    noise_scale_estimate,
-    rung,
-    select_rungs,
-)
+from batchsize_study.ladder import SMOOTHING, analyse_ladder, noise_scale_estimate, rung
 from batchsize_study.metrics import METRICS, read_metrics
 from batchsize_study.stats import ema, mean_interval
-from batchsize_study.study import read_records
+from batchsize_study.study import COMPARED, Selection, beside, run_name, select
+from batchsize_study.study.stages import LARGE_BATCH, SMALL_BATCH
 
 log = logging.getLogger("batchsize_study.report")
-
-COMPARED = ("small_batch", "large_batch")
 
 
 @dataclass
@@ -102,7 +95,7 @@ def token_window_beta(beta: float, tokens_per_step: int, ref_tokens_per_step: in
 
 def load_run(record: dict[str, Any], ema_beta: float) -> Run | None:
     """Read the run's metrics.csv (next to its result.json, so a moved study still reads)."""
-    path = Path(record["_path"]).parent / METRICS
+    path = beside(record, METRICS)
     if not path.exists():
         log.warning("skipping %s: no metrics.csv", path.parent)
         return None
@@ -181,6 +174,8 @@ class Study:
     large: list[Group]
     superconvergence: list[Run]
     ignored: list[str] = field(default_factory=list)
+    selection: Selection | None = None
+    """The one selection these runs come from (batchsize_study.study.select)."""
 
     @property
     def groups(self) -> list[Group]:
@@ -195,8 +190,9 @@ def first_command(sdir: Path) -> str:
 
 
 def load_study(study_dir: str | Path, ema_beta: float = 0.9) -> Study:
-    """Read every record of the study, keep the latest completed run per (experiment, batch size,
-    seed) of the configuration of the latest small_batch run, and group them.
+    """The study's selection (batchsize_study.study.select: the latest completed run per
+    (experiment, batch size, seed) of one configuration, each large run paired with the small
+    run of its seed) with every selected run's curves, grouped per (experiment, batch size).
 
     Raises UserError (one line, what to run first) when there is nothing to compare."""
     sdir = Path(study_dir).expanduser().resolve()
@@ -204,91 +200,76 @@ def load_study(study_dir: str | Path, ema_beta: float = 0.9) -> Study:
         raise UserError(
             f"study.dir={sdir}: no study records there (no runs/ folder); run {first_command(sdir)} first"
         )
-    records = read_records(sdir)
-    done = [
-        r for r in records if r.get("experiment") in COMPARED and r.get("status") == "completed"
-    ]
-    missing = [e for e in COMPARED if not any(r["experiment"] == e for r in done)]
+    sel = select(sdir)
+    records = sel.records
+    missing = [e for e, have in zip(COMPARED, (sel.small, sel.large)) if not have]
     if missing:
         found = ", ".join(f"{r['experiment']}:{r.get('status')}" for r in records) or "none"
         raise UserError(
             f"study.dir={sdir}: no completed {' or '.join(missing)} record (found: {found}); "
             f"run {first_command(sdir)} first"
         )
-    key = [r for r in done if r["experiment"] == "small_batch"][-1].get("compat_key")
-    ignored = [
-        f"{Path(r['_path']).parent.name} ({r['experiment']}, status {r.get('status')})"
-        for r in records
-        if r.get("experiment") in COMPARED and r not in done
-    ]
-    latest: dict[tuple[str, int, int], dict[str, Any]] = {}
-    for r in done:
-        if r.get("compat_key") != key:
-            ignored.append(f"{Path(r['_path']).parent.name} (another model/data configuration)")
-            continue
-        k = (r["experiment"], int(r["batch_size"]), int(r.get("seed", 0)))
-        if k in latest:
-            ignored.append(f"{Path(latest[k]['_path']).parent.name} (superseded by a later run)")
-        latest[k] = r  # records are oldest first
-    runs = [run for r in latest.values() if (run := load_run(r, ema_beta)) is not None]
-    sc_records = [
-        r
-        for r in records
-        if r.get("experiment") == "superconvergence" and r.get("compat_key") in (key, None)
-    ]
-    sc_runs = [run for r in sc_records if (run := load_run(r, ema_beta)) is not None]
+    ignored = list(sel.ignored)
+    every = [*sel.small.values(), *(r for g in sel.large.values() for r in g.values())]
+    loaded = {run_name(r): load_run(r, ema_beta) for r in every}
+    for name, run in loaded.items():
+        if run is None:
+            ignored.append(f"{name}: no readable metrics.csv")
 
-    by_group: dict[tuple[str, int], list[Run]] = {}
-    for run in runs:
-        by_group.setdefault((run.experiment, run.batch_size), []).append(run)
-    for v in by_group.values():
-        v.sort(key=lambda r: r.seed)
-    smalls = sorted(k for k in by_group if k[0] == "small_batch")
-    larges = sorted(k for k in by_group if k[0] == "large_batch")
-    if not smalls or not larges:
-        raise UserError(
-            f"study.dir={sdir}: the small_batch and large_batch records have no readable metrics.csv; "
-            f"run {first_command(sdir)} first"
+    def group(experiment: str, batch: int, recs: dict[int, dict[str, Any]]) -> Group | None:
+        runs = [loaded[n] for r in recs.values() if (n := run_name(r)) in loaded and loaded[n]]
+        return Group(experiment, batch, sorted(runs, key=lambda r: r.seed)) if runs else None  # type: ignore[arg-type,misc]
+
+    # Seeds paired where any pair exists; groups that share no seed are compared unpaired
+    # (Welch's test across seeds), which the verdict says.
+    paired_small = {p.seed: p.small for p in sel.pairs} or sel.small
+    small = group(SMALL_BATCH, sel.small_batch or 0, paired_small)
+    large = [
+        g
+        for b in sorted(sel.large)
+        if (
+            g := group(
+                LARGE_BATCH,
+                b,
+                {s: r for s, r in sel.large[b].items() if s in paired_small} or sel.large[b],
+            )
         )
-    # Several small batch sizes: the baseline is the one the large runs derived their LR from.
-    derived = [
-        r.record.get("derivation", {}).get("small_batch_size") for k in larges for r in by_group[k]
     ]
-    base = max(smalls, key=lambda k: (derived.count(k[1]), len(by_group[k])))
-    for k in smalls:
-        if k != base:
-            ignored.append(f"small_batch batch_size={k[1]} (the large runs derive from {base[1]})")
+    if small is None or not large:
+        raise UserError(
+            f"study.dir={sdir}: the small_batch and large_batch records have no readable "
+            f"metrics.csv; run {first_command(sdir)} first"
+        )
     for item in ignored:
         log.warning("compare: not compared: %s", item)
+    runs = [r for g in (small, *large) for r in g.runs]
     # Per token, every run is smoothed over the tokens the baseline's EMA spans.
-    ref_tps = by_group[base][0].tokens_per_step
+    ref_tps = small.runs[0].tokens_per_step
     for run in runs:
         run.smooth_by_tokens(ema_beta, ref_tps)
+    sc_runs = [run for r in sel.superconvergence if (run := load_run(r, ema_beta)) is not None]
     return Study(
         dir=sdir,
         records=records,
         runs=runs,
-        small=Group(*base, by_group[base]),
-        large=[Group(*k, by_group[k]) for k in larges if k[1] != base[1]]
-        or [Group(*k, by_group[k]) for k in larges],
+        small=small,
+        large=large,
         superconvergence=sc_runs,
         ignored=ignored,
+        selection=sel,
     )
 
 
-def load_ladder(
-    records: list[dict[str, Any]], target: float | None = None, level: float = 0.95
-) -> dict[str, Any]:
-    """The study's batch-size ladder (batchsize_study.ladder): each rung's training loss,
-    smoothed by the one EMA and averaged over seeds, then the ladder's readings."""
-    selected = select_rungs(records)
-    if selected is None:
+def load_ladder(sel: Selection, target: float | None = None, level: float = 0.95) -> dict[str, Any]:
+    """The study's batch-size ladder (batchsize_study.ladder) over the selection's rungs: each
+    rung's training loss, smoothed by the one EMA and averaged over seeds, then its readings."""
+    if not sel.rungs:
         return {"rungs": [], "note": "no completed small_batch/large_batch runs"}
-    key, by_batch = selected
     rungs = []
-    for b in sorted(by_batch):
+    for b in sorted(sel.rungs):
+        recs = [sel.rungs[b][s] for s in sorted(sel.rungs[b])]
         # metrics.csv next to its result.json: a moved or copied study still reads.
-        curves = [read_metrics(Path(r["_path"]).with_name(METRICS)) for r in by_batch[b]]
+        curves = [read_metrics(beside(r, METRICS)) for r in recs]
         curves = [c for c in curves if not c.empty]
         if not curves:
             continue
@@ -296,6 +277,7 @@ def load_ladder(
         steps = [int(s) for s in curves[0].step[:n]]
         smoothed = [ema(c.train_loss[:n], SMOOTHING) for c in curves]
         mean = [statistics.fmean(float(v[i]) for v in smoothed) for i in range(n)]
-        rungs.append(rung(by_batch[b], steps, mean))
-    noise = noise_scale_estimate([r for rs in by_batch.values() for r in rs], level)
-    return analyse_ladder(rungs, key, target, noise)
+        rungs.append(rung(recs, steps, mean))
+    budget = next(iter(next(iter(sel.rungs.values())).values())).get("max_steps")
+    noise = noise_scale_estimate([r for g in sel.rungs.values() for r in g.values()], level)
+    return analyse_ladder(rungs, (sel.key, budget), target, noise, level)

@@ -9,59 +9,24 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
-from batchsize_study import ladder, sweep_report
-from batchsize_study.config import CompareConfig
-from batchsize_study.metrics import read_metrics
-from batchsize_study.probe_analysis import SUMMARY
-from batchsize_study.report import figures
+from batchsize_study import ladder
+from batchsize_study.metrics import METRICS, read_metrics
+from batchsize_study.report import figures, sweeps
 from batchsize_study.report.compare import (
     HYPOTHESIS,
     diagnose,
-    lr_marks,
     overall,
     verdict_for,
 )
+from batchsize_study.report.context import ReportContext, Section, SectionFn
 from batchsize_study.report.evaluation import evaluate_section
 from batchsize_study.report.load import Study, load_ladder
 from batchsize_study.stats import fmt
-
-
-@dataclass
-class Section:
-    """One part of the report: markdown for report.md, JSON for comparison.json[key], and the
-    PNG files it wrote (names relative to the report folder)."""
-
-    key: str
-    title: str
-    markdown: str
-    data: Any = None
-    plots: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ReportContext:
-    """What a section gets besides the study: settings, the output folder, and the results of
-    earlier sections (by key), so a later section can reuse them."""
-
-    out_dir: Path
-    settings: CompareConfig
-    results: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, fig: Figure, name: str) -> str:
-        """Write a figure as PNG into the report folder; return its file name."""
-        figures.save(fig, self.out_dir / name, self.settings.dpi)
-        return name
-
-
-SectionFn = Callable[[Study, ReportContext], "Section | None"]
-
+from batchsize_study.study import Selection, beside, run_name
+from batchsize_study.study.stages import STABILITY_PROBE
 
 # ---------------------------------------------------------------- runs
 
@@ -237,7 +202,19 @@ def section_schedules(study: Study, ctx: ReportContext) -> Section:
             "(log scale) during the warmup, with the onset of the destabilisation (x) marked."
             "\n\n![superconvergence](superconvergence.png)"
         )
-    return Section("schedules", "Learning rates", md, lr_marks(study), files)
+    marks = study.selection.marks()
+    n = marks.get("x_runs")
+    if n:
+        md += (
+            f"\n\nx rests on {n} superconvergence run{'s' if n > 1 else ''}"
+            + (
+                " (their median; `x_from=median`)."
+                if n > 1
+                else ": one seed's x scatters by about a factor of 2 (docs/lr_sweep.md); "
+                "`-m experiment=superconvergence seed=0,1,2` then `x_from=median` rests it on three."
+            )
+        )
+    return Section("schedules", "Learning rates", md, marks, files)
 
 
 def section_diagnostics(study: Study, ctx: ReportContext) -> Section:
@@ -266,12 +243,13 @@ def section_diagnostics(study: Study, ctx: ReportContext) -> Section:
 
 def section_ladder(study: Study, ctx: ReportContext) -> Section:
     """Loss and steps-to-target against batch size, beside the gradient noise scale."""
-    return ladder_section(study.records, ctx)
+    assert study.selection is not None
+    return ladder_section(study.selection, ctx)
 
 
-def ladder_section(records: list[dict[str, Any]], ctx: ReportContext) -> Section:
-    """The ladder section from a study's records (a ladder needs no small/large pairing)."""
-    d = load_ladder(records, level=ctx.settings.confidence)
+def ladder_section(sel: Selection, ctx: ReportContext) -> Section:
+    """The ladder section over the selection's rungs (a ladder needs no small/large pairing)."""
+    d = load_ladder(sel, level=ctx.settings.confidence)
     md = ladder_markdown(d)
     files = []
     if len(d["rungs"]) >= 2:
@@ -354,6 +332,12 @@ def ladder_markdown(d: dict[str, Any]) -> str:
             f"Fit S = S_min (1 + B_crit/B) (McCandlish et al. 2018, eq. 2.11), "
             f"{d['fit_note']}: S_min = {d['fit']['s_min']:.3g} steps, empirical critical batch "
             f"**B_crit = {bc:.3g}** sequences"
+            + (
+                f" ({d['fit']['level']:.0%} interval {d['fit']['b_crit_lo']:.3g} to "
+                f"{d['fit']['b_crit_hi']:.3g}, from the fit's covariance)"
+                if d["fit"].get("b_crit_lo") is not None
+                else ""
+            )
             if bc
             else "No fit of S = S_min (1 + B_crit/B) (McCandlish et al. 2018, eq. 2.11), so no "
             f"empirical critical batch: {d['fit_note']}"
@@ -372,14 +356,16 @@ def ladder_markdown(d: dict[str, Any]) -> str:
 
 def section_probe(study: Study, ctx: ReportContext) -> Section:
     """Whether x is real: constant-LR probes at multiples of x, and Lightning's lr_find beside it."""
-    return probe_section(study.records, ctx)
+    assert study.selection is not None
+    return probe_section(study.selection, ctx)
 
 
-def probe_section(records: list[dict[str, Any]], ctx: ReportContext) -> Section:
-    """The stability-probe section from a study's records (the latest probe summary)."""
+def probe_section(sel: Selection, ctx: ReportContext) -> Section:
+    """The selection's stability probe (the newest of this configuration; a note when it
+    tested another x than the compared runs used)."""
     key, title = "stability_probe", "Is x real? (stability probe)"
-    recs = [r for r in records if r.get("experiment") == SUMMARY]
-    if not recs:
+    rec = sel.probe
+    if rec is None:
         return Section(
             key,
             title,
@@ -387,10 +373,11 @@ def probe_section(records: list[dict[str, Any]], ctx: ReportContext) -> Section:
             "experiment=stability_probe` (after superconvergence) runs it.",
             {},
         )
-    rec = recs[-1]
     data = {k: v for k, v in rec.items() if k != "_path"}
+    data["note"] = sel.probe_note
     x = rec["unstable_lr"]
-    lines = [
+    lines = [f"**Note: {sel.probe_note}**", ""] if sel.probe_note else []
+    lines += [
         rec["message"] + ".",
         "",
         f"Constant-LR runs of {rec['probe']['steps']} steps ({rec['probe']['warmup']} warmup) at "
@@ -434,67 +421,26 @@ def probe_section(records: list[dict[str, Any]], ctx: ReportContext) -> Section:
         "typically well below the stability limit; x and the probe boundary measure the limit."
     )
     # each probe's metrics.csv next to its result.json (a moved study still reads)
-    probe_runs = {r.get("run_id"): r for r in records if r.get("experiment") == "stability_probe"}
+    probe_runs = {run_name(r): r for r in sel.records if r.get("experiment") == STABILITY_PROBE}
     losses = {}
     for p in rec["probes"]:
-        r = probe_runs.get(p.get("run_id"))
-        path = Path(r["_path"]).with_name("metrics.csv") if r else p.get("metrics_csv")
-        if path:
-            losses[p["multiple"]] = read_metrics(path).train_loss.tolist()
+        r = probe_runs.get(str(p.get("run_id")))
+        if r is not None:
+            losses[p["multiple"]] = read_metrics(beside(r, METRICS)).train_loss.tolist()
     name = ctx.save(figures.stability_probe(rec, losses), "stability_probe.png")
     lines.append(f"\n![stability_probe]({name})")
     return Section(key, title, "\n".join(lines).strip(), data, [name])
 
 
-# ---------------------------------------------------------------- sections from elsewhere
-
-
-def external(
-    key: str, title: str, build: Callable[[Path, Path], tuple[str, dict[str, Any], list[str]]]
-) -> SectionFn:
-    """A section from a function ``(study_dir, report_dir) -> (markdown, data, PNG paths)`` (an
-    LR sweep, a test-set evaluation, ...): its own leading heading is dropped, the PNGs it wrote
-    into the report folder are listed by name."""
-
-    def section(study: Study, ctx: ReportContext) -> Section:
-        md, data, pngs = build(study.dir, ctx.out_dir)
-        lines = md.strip().splitlines()
-        if lines and lines[0].startswith("#"):
-            lines = lines[1:]
-        return Section(key, title, "\n".join(lines).strip(), data, [Path(p).name for p in pngs])
-
-    section.__name__ = f"section_{key}"
-    return section
-
-
-def section_evaluation(study: Study, ctx: ReportContext) -> Section:
-    """The saved models on the held-out test split (experiment=evaluate), when it has run."""
-    md, data, pngs = evaluate_section(study.records, ctx.out_dir, ctx.settings.dpi)
-    lines = md.strip().splitlines()
-    if lines and lines[0].startswith("#"):
-        lines = lines[1:]
-    return Section(
-        "evaluation",
-        "The saved models on the test split",
-        "\n".join(lines).strip(),
-        data,
-        [Path(p).name for p in pngs],
-    )
-
-
 SECTIONS: tuple[SectionFn, ...] = (
     section_verdict,
-    external("tuned", "Each batch at its own best LR", sweep_report.tuned_section),
+    sweeps.tuned_section,
     section_runs,
-    section_evaluation,
+    evaluate_section,
     section_curves,
     section_schedules,
-    external("lr_sensitivity", "Final loss against peak LR", sweep_report.sensitivity_section),
-    external(
-        "onsets",
-        "Where x is read: the superconvergence curve",
-        sweep_report.superconvergence_section,
-    ),
+    sweeps.sensitivity_section,
+    sweeps.superconvergence_section,
     section_diagnostics,
     section_ladder,
     section_probe,

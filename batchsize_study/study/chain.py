@@ -1,14 +1,10 @@
-"""A study's records: written atomically, read defensively, and the x -> y -> z chain derived
-from them with provenance (which record, which rule)."""
+"""The x -> y -> z chain: the LR rules and how a run derives its peak LR from the study's
+records, with provenance (which record, which rule)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,86 +12,11 @@ from typing import Any
 
 from batchsize_study.config import Config
 from batchsize_study.errors import ConfigError, UpstreamError
-from batchsize_study.stats import json_safe, median
+from batchsize_study.stats import median
+from batchsize_study.study.records import read_records
+from batchsize_study.study.stages import SMALL_BATCH, STAGES
 
-log = logging.getLogger(__name__)
-
-RECORD = "result.json"
-EVALUATION = "evaluate"
-"""The experiment name of a test-set evaluation record (batchsize_study.evaluate)."""
-EVALUATION_LOSSES = "per_window_losses.npz"
-"""Beside an evaluation record: every model's per-window test losses."""
-FINAL_STATUSES = ("completed", "diverged", "no_divergence")
-
-
-# ---------------------------------------------------------------- files
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder: a reader sees the old file
-    or the new one, never a torn one, even across a power loss."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """A record, written with :func:`write_bytes_atomic` (NaN and infinities as null: valid JSON)."""
-    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str) + "\n"
-    write_bytes_atomic(path, text.encode())
-
-
-def runs_dir(study_dir: str | os.PathLike) -> Path:
-    return Path(study_dir) / "runs"
-
-
-def read_records(
-    study_dir: str | os.PathLike, experiment: str | None = None
-) -> list[dict[str, Any]]:
-    """Every readable result.json of the study (each with ``_path``), oldest first.
-    A torn or foreign file is skipped with a warning, never trusted."""
-    out = []
-    for p in sorted(runs_dir(study_dir).glob(f"*/{RECORD}")):
-        try:
-            rec = json.loads(p.read_text())
-        except (OSError, ValueError) as exc:
-            log.warning("skipping unreadable record %s (%s)", p, exc)
-            continue
-        if not isinstance(rec, dict) or "experiment" not in rec:
-            log.warning("skipping %s: not a batchsize_study record", p)
-            continue
-        if experiment is None or rec.get("experiment") == experiment:
-            rec["_path"] = str(p)
-            out.append(rec)
-    out.sort(key=lambda r: (r.get("finished_at") or 0, r["_path"]))
-    return out
-
-
-def stable_hash(obj: Any, n: int = 10) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
-def make_run_id(task: str, batch_size: int, seed: int, config_hash: str) -> str:
-    """Unique per experiment, batch size, seed and configuration: sweeps never collide, and the
-    same command maps to the same folder (so it can be resumed or reported)."""
-    return f"{task}-bs{batch_size}-seed{seed}-{config_hash}"
+log = logging.getLogger("batchsize_study.study")
 
 
 # ---------------------------------------------------------------- LR rules
@@ -158,27 +79,37 @@ def _candidates(
         time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
 
-def _choose(usable: list[dict[str, Any]], seed: int, field: str) -> Upstream:
+def _choose(usable: list[dict[str, Any]], seed: int, field: str, rule: str = "seed") -> Upstream:
+    """The same seed's record (rule ``seed``, when there is one), else the median of them all."""
     same = [r for r in usable if r.get("seed") == seed]
-    if same:
+    if same and rule == "seed":
         rec = same[-1]
         return Upstream(float(rec[field]), [rec], f"same seed ({seed})")
+    why = "x_from=median" if rule == "median" else f"no record with seed {seed}"
     return Upstream(
         median(float(r[field]) for r in usable),
         usable,
-        f"median of {len(usable)} records (no record with seed {seed})",
+        f"median of {len(usable)} records ({why})",
     )
 
 
 def find_unstable_lr(
-    study_dir: str, seed: int, compat_key: str, batch_size: int, wait_seconds: float = 0.0
+    study_dir: str,
+    seed: int,
+    compat_key: str,
+    batch_size: int,
+    wait_seconds: float = 0.0,
+    rule: str = "seed",
 ) -> Upstream:
-    """x for small_batch: the superconvergence record of the same seed, else the median."""
+    """x for small_batch: the superconvergence record of the same seed, else (or with
+    ``rule="median"``) the median of every diverged one, newest per seed."""
     usable = _candidates(
         study_dir, "superconvergence", "diverged", compat_key, seed, wait_seconds, batch_size
     )
+    newest = {r.get("seed"): r for r in usable}  # oldest first: a re-run of a seed replaces it
+    usable = [r for r in usable if newest[r.get("seed")] is r]
     if usable:
-        return _choose(usable, seed, "unstable_lr")
+        return _choose(usable, seed, "unstable_lr", rule)
     recs = read_records(study_dir, "superconvergence")
     if not recs:
         raise UpstreamError(
@@ -249,18 +180,23 @@ def derive_lr(c: Config, sdir: str, key: str) -> LRChoice:
     """The peak LR of this run: given (superconvergence, probes, an explicit ``lr``) or derived
     from the study's records (small_batch: y = lr_factor * x; large_batch: z = y (B/B_small)^alpha)."""
     extra: dict[str, Any] = {}
-    if c.task == "superconvergence":
-        return LRChoice(float(c.lr), "given: the too-high warmup target (lr)", extra)  # type: ignore[arg-type]
-    if c.task == "stability_probe":  # batchsize_study.probe sets lr = multiple * x
-        return LRChoice(float(c.lr), "given: stability probe, lr = multiple * x", extra)  # type: ignore[arg-type]
-    if c.task == "lr_sweep":  # batchsize_study.sweep sets lr per grid point
-        return LRChoice(float(c.lr), "given: lr sweep grid point", extra)  # type: ignore[arg-type]
-    if c.task == "small_batch":
+    stage = STAGES[c.task]
+    if stage.needs is None:  # superconvergence, probes, sweep points: the LR is given
+        return LRChoice(float(c.lr), stage.lr_rule, extra)  # type: ignore[arg-type]
+    if stage.name == SMALL_BATCH:
         if c.lr is not None:
             return LRChoice(c.lr, "given: lr on the command line/config", extra)
-        up = find_unstable_lr(sdir, c.seed, key, c.batch_size, c.upstream_wait_seconds)
+        up = find_unstable_lr(
+            sdir, c.seed, key, c.batch_size, c.upstream_wait_seconds, c.x_from
+        )
         y = small_batch_lr(up.value, c.lr_factor)
-        extra.update(unstable_lr=up.value, lr_factor=c.lr_factor, upstream=up.paths)
+        extra.update(
+            unstable_lr=up.value,
+            lr_factor=c.lr_factor,
+            upstream=up.paths,
+            x_runs=len(up.records),  # how many superconvergence runs x rests on
+            x_from=c.x_from,
+        )
         return LRChoice(
             y,
             f"derived: y = {c.lr_factor} * x, x = {up.value:.6g} ({up.selection}) from {', '.join(up.paths)}",
@@ -309,7 +245,7 @@ def precheck_upstream(c: Config, sdir: str) -> None:
     (large_batch). Which record matches model and corpus is decided after preparation."""
     if c.lr is not None or c.upstream_wait_seconds > 0:
         return
-    needs = {"small_batch": "superconvergence", "large_batch": "small_batch"}.get(c.task)
+    needs = STAGES[c.task].needs
     if needs is None:
         return
     if not read_records(sdir, needs):

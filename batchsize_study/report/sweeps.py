@@ -1,8 +1,10 @@
 """Report pieces of the LR sweep: sensitivity curves, the tuned comparison, the onset figure.
 
-Each ``*_section(study_dir, out_dir)`` returns ``(markdown, json-able dict, PNG paths)`` from the
-study's records alone (the sweep summaries are recomputed from their points with
-:func:`batchsize_study.lr_sensitivity.summarise`), so the report can place them where it likes.
+Each ``*_section(study, ctx)`` is a report section (:mod:`batchsize_study.report.sections`) over
+the study's one selection (:mod:`batchsize_study.study.select`): the sweep summaries are recomputed
+from the selected point records with :func:`batchsize_study.lr_sensitivity.summarise`, wherever
+those points were run (one process, or grid points as jobs of a multirun), and every curve is
+read from the study folder itself.
 
 * :func:`sensitivity_section`: final loss against peak LR per batch size, x, y, z, each batch's
   best LR and cliff marked (Wortsman et al. 2023, "Small-scale proxies for large-scale
@@ -19,17 +21,16 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from batchsize_study.config import DetectorConfig
+from batchsize_study.config import DetectorConfig, SweepConfig
 from batchsize_study.detector import replay
-from batchsize_study.lr_sensitivity import SUMMARY, relation, summarise
-from batchsize_study.metrics import read_metrics
-from batchsize_study.study import read_records
+from batchsize_study.lr_sensitivity import point, relation, summarise
+from batchsize_study.metrics import METRICS, read_metrics
+from batchsize_study.report.context import ReportContext, Section
+from batchsize_study.report.figures import new_figure
+from batchsize_study.report.load import Study
+from batchsize_study.study import Selection, beside, run_name
 
 COLORS = ("#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd")
 RUN_IT = (
@@ -43,49 +44,50 @@ TUNED_TOLERANCE = 0.1
 # ---------------------------------------------------------------- loading
 
 
-def read_rows(path: str | Path) -> list[dict[str, float]]:
-    """step, tokens, lr, train_loss of every training step, from the one metrics.csv reader."""
-    m = read_metrics(path)
+def read_rows(rec: dict[str, Any]) -> list[dict[str, float]]:
+    """step, tokens, lr, train_loss of every training step of a record's own metrics.csv."""
+    m = read_metrics(beside(rec, METRICS))
     return [
         {"step": float(s), "tokens": float(t), "lr": float(lr), "train_loss": float(x)}
         for s, t, lr, x in zip(m.step, m.tokens, m.lr, m.train_loss)
     ]
 
 
-def sweeps(study_dir: str | Path) -> dict[int, dict[str, Any]]:
-    """The newest sweep summary per batch size, its analysis recomputed from its points."""
+def sweeps(sel: Selection) -> dict[int, dict[str, Any]]:
+    """Per batch size, the sweep's analysis recomputed from the selected point records."""
+    default = SweepConfig()
     out: dict[int, dict[str, Any]] = {}
-    for rec in read_records(study_dir, SUMMARY):  # oldest first: the newest wins
-        out[int(rec["batch_size"])] = {**rec, **summarise(rec["points"], rec.get("sigmas", 2.0))}
-    return dict(sorted(out.items()))
+    for bs, recs in sorted(sel.sweeps.items()):
+        settings = sel.sweep_settings.get(bs, {})
+        window = settings.get("final_window") or default.final_window
+        sigmas = settings.get("sigmas") or default.sigmas
+        points = [point(r, window) for r in recs]
+        xs = [r.get("unstable_lr") for r in recs if r.get("unstable_lr")]
+        out[bs] = {
+            "batch_size": bs,
+            "seeds": sorted({p["seed"] for p in points if p.get("seed") is not None}),
+            "max_steps": recs[0].get("max_steps"),
+            "unstable_lr": xs[-1] if xs else None,
+            "points": points,
+            "sigmas": sigmas,
+            "final_window": window,
+            **summarise(points, sigmas),
+        }
+    return out
 
 
-def seed_rule(study_dir: str | Path) -> dict[str, Any]:
-    """x, and the newest completed small_batch (y) and large_batch (z) records per batch size."""
-    sc = [r for r in read_records(study_dir, "superconvergence") if r.get("status") == "diverged"]
-    x = sc[-1]["unstable_lr"] if sc else None
-    runs: dict[int, dict[str, Any]] = {}
-    for exp in ("small_batch", "large_batch"):
-        done = [r for r in read_records(study_dir, exp) if r.get("status") == "completed"]
-        # runs derived from this x first (a study may hold runs from an earlier x), newest last
-        done.sort(key=lambda r: r.get("unstable_lr") == x)
-        for r in done:
-            runs[int(r["batch_size"])] = r
-    return {"x": x, "sc": sc[-1] if sc else None, "runs": runs}
-
-
-def _figure(w: float = 8.0, h: float = 5.0, ncols: int = 1) -> tuple[Figure, Any]:
-    fig = Figure(figsize=(w, h), layout="constrained")
-    FigureCanvasAgg(fig)  # Agg renders the PNG; no pyplot
-    return fig, fig.subplots(1, ncols)
-
-
-def _save(fig: Figure, out_dir: str | Path, name: str) -> str:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    fig.savefig(path, dpi=120)
-    return str(path)
+def seed_rule(sel: Selection) -> dict[str, Any]:
+    """x as the compared runs used it, the superconvergence record it came from, and the seed
+    rule's runs (every compared seed) per batch size."""
+    sc = [r for r in sel.superconvergence if r.get("status") == "diverged"]
+    runs: dict[int, list[dict[str, Any]]] = {}
+    if sel.small_batch is not None:
+        runs[sel.small_batch] = list({run_name(p.small): p.small for p in sel.pairs}.values())
+    for b, g in sel.large.items():
+        recs = [r for s, r in sorted(g.items()) if s in sel.small]
+        if recs:
+            runs[b] = recs
+    return {"x": sel.marks()["x_unstable_lr"], "sc": sc[-1] if sc else None, "runs": runs}
 
 
 def _f(v: float | None, spec: str = ".4f") -> str:
@@ -95,15 +97,16 @@ def _f(v: float | None, spec: str = ".4f") -> str:
 # ---------------------------------------------------------------- (a) sensitivity
 
 
-def sensitivity_section(
-    study_dir: str | Path, out_dir: str | Path
-) -> tuple[str, dict[str, Any], list[str]]:
+def sensitivity_section(study: Study, ctx: ReportContext) -> Section:
     """Final loss against LR per batch size; x, y, z, best LRs and cliffs; the acceptance checks."""
-    sw = sweeps(study_dir)
-    lines = ["## Final loss against peak LR (LR sweep)", ""]
+    key, title = "lr_sensitivity", "Final loss against peak LR"
+    sel = study.selection
+    assert sel is not None
+    sw = sweeps(sel)
     if not sw:
-        return "\n".join([*lines, RUN_IT]) + "\n", {}, []
-    sr = seed_rule(study_dir)
+        return Section(key, title, RUN_IT, {})
+    lines: list[str] = []
+    sr = seed_rule(sel)
     x = sr["x"] or next((s["unstable_lr"] for s in sw.values() if s.get("unstable_lr")), None)
     small_bs = min(sw)
     checks: dict[str, Any] = {}
@@ -155,22 +158,25 @@ def sensitivity_section(
             " a factor of 2."
         )
     marks: dict[str, float] = {}
-    for bs, rec in sr["runs"].items():
-        name = "y" if rec["experiment"] == "small_batch" else f"z (batch {bs})"
-        marks[name] = rec["lr"]
+    for bs, recs in sr["runs"].items():
+        name = "y" if bs == sel.small_batch else f"z (batch {bs})"
+        lr = statistics.fmean(float(r["lr"]) for r in recs)
+        marks[name] = lr
         s = sw.get(bs)
-        if s is None or s.get("best_loss") is None or rec.get("final_val_loss") is None:
+        loss, _ = _mean_se([r.get("final_val_loss") for r in recs], [])
+        if s is None or s.get("best_loss") is None or loss is None:
             continue
-        gap = rec["final_val_loss"] - s["best_loss"]
+        gap = loss - s["best_loss"]
         checks[f"{name}_loss_minus_best"] = gap
+        seeds = f"{len(recs)} seeds, mean" if len(recs) > 1 else f"seed {recs[0].get('seed')}"
         lines.append(
-            f"{name} = {rec['lr']:.4g} trains to {rec['final_val_loss']:.4f}, {gap:+.3f} nats from "
-            f"batch {bs}'s best swept LR ({relation(rec['lr'], s['best_lr'])} it): "
+            f"{name} = {lr:.4g} trains to {loss:.4f} ({seeds}), {gap:+.3f} nats from "
+            f"batch {bs}'s best swept LR ({relation(lr, s['best_lr'])} it): "
             f"{'within' if gap <= TUNED_TOLERANCE else 'NOT within'} {TUNED_TOLERANCE} nats."
         )
     if x:
         marks = {"x": x, **marks}
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for i, (bs, s) in enumerate(sw.items()):
         color = COLORS[i % len(COLORS)]
         ok = [r for r in s["per_lr"] if r["mean"] is not None]
@@ -204,14 +210,14 @@ def sensitivity_section(
     ax.set_title("Final loss against peak LR")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    png = _save(fig, out_dir, "lr_sensitivity.png")
-    lines += ["", "![final loss against peak LR](lr_sensitivity.png)"]
+    png = ctx.save(fig, "lr_sensitivity.png")
+    lines += ["", f"![final loss against peak LR]({png})"]
     data = {
-        "batches": {str(bs): {k: v for k, v in s.items() if k != "_path"} for bs, s in sw.items()},
+        "batches": {str(bs): s for bs, s in sw.items()},
         "marks": marks,
         "checks": checks,
     }
-    return "\n".join(lines) + "\n", data, [png]
+    return Section(key, title, "\n".join(lines).strip(), data, [png])
 
 
 # ---------------------------------------------------------------- (b) tuned comparison
@@ -227,53 +233,66 @@ def loss_at_tokens(rows: list[dict[str, float]], tokens: float, width: float) ->
     return {"loss": statistics.fmean(sel), "se": se, "n": len(sel)}
 
 
-def _pair(small: dict[str, Any], large: dict[str, Any], window: int) -> dict[str, Any]:
-    """Per step: final val losses at the shared step budget. Per token: mean training loss over
-    the small run's last ``window`` steps' tokens, and the large run's steps in the same tokens."""
-    srows, lrows = read_rows(small["metrics_csv"]), read_rows(large["metrics_csv"])
+def _mean_se(values: list[Any], ses: list[Any]) -> tuple[float | None, float | None]:
+    """Mean over seeds and its standard error: one seed's own se, else the spread across seeds."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    if len(vals) == 1:
+        return vals[0], (ses[0] if len(ses) == 1 else None)
+    return statistics.fmean(vals), statistics.stdev(vals) / math.sqrt(len(vals))
+
+
+def _pair(
+    smalls: list[dict[str, Any]], larges: list[dict[str, Any]], window: int
+) -> dict[str, Any]:
+    """Every seed of each side. Per step: final val losses at the shared step budget. Per token:
+    mean training loss over the small runs' last ``window`` steps' tokens, and the large runs'
+    steps in the same tokens; each side's mean over its seeds."""
     out: dict[str, Any] = {
-        "small_lr": small["lr"],
-        "large_lr": large["lr"],
-        "per_step": {
-            "small": small.get("final_val_loss"),
-            "large": large.get("final_val_loss"),
-            "small_se": small.get("final_val_loss_se"),
-            "large_se": large.get("final_val_loss_se"),
-            "steps": [small.get("steps_done"), large.get("steps_done")],
-        },
+        "small_lr": statistics.fmean(float(r["lr"]) for r in smalls),
+        "large_lr": statistics.fmean(float(r["lr"]) for r in larges),
+        "runs": {"small": [run_name(r) for r in smalls], "large": [run_name(r) for r in larges]},
+        "per_step": {"steps": [smalls[0].get("steps_done"), larges[0].get("steps_done")]},
     }
     ps = out["per_step"]
+    for who, recs in (("small", smalls), ("large", larges)):
+        ps[who], ps[f"{who}_se"] = _mean_se(
+            [r.get("final_val_loss") for r in recs], [r.get("final_val_loss_se") for r in recs]
+        )
     ps["large_minus_small"] = (
         ps["large"] - ps["small"] if None not in (ps["large"], ps["small"]) else None
     )
+    srows = [rows for r in smalls if (rows := read_rows(r))]
+    lrows = [rows for r in larges if (rows := read_rows(r))]
     if srows and lrows:
-        t = srows[-1]["tokens"]
-        width = window * (small.get("tokens_per_step") or (t / max(1, srows[-1]["step"])))
-        s_at, l_at = loss_at_tokens(srows, t, width), loss_at_tokens(lrows, t, width)
-        diff = l_at["loss"] - s_at["loss"] if None not in (l_at["loss"], s_at["loss"]) else None
-        out["per_token"] = {"tokens": t, "small": s_at, "large": l_at, "large_minus_small": diff}
+        t = min(rows[-1]["tokens"] for rows in srows)
+        tps = smalls[0].get("tokens_per_step") or (t / max(1, srows[0][-1]["step"]))
+        width = window * tps
+        pt: dict[str, Any] = {"tokens": t}
+        for who, side in (("small", srows), ("large", lrows)):
+            at = [loss_at_tokens(rows, t, width) for rows in side]
+            loss, se = _mean_se([a["loss"] for a in at], [a["se"] for a in at])
+            pt[who] = {"loss": loss, "se": se, "n": sum(a["n"] for a in at), "seeds": len(at)}
+        diff = (
+            pt["large"]["loss"] - pt["small"]["loss"]
+            if None not in (pt["large"]["loss"], pt["small"]["loss"])
+            else None
+        )
+        pt["large_minus_small"] = diff
+        out["per_token"] = pt
     return out
 
 
-def _best_run(s: dict[str, Any]) -> dict[str, Any] | None:
-    """The best LR's run (its lowest-loss seed) as a record-like dict."""
-    pts = [
-        p
-        for p in s["points"]
-        if p["lr"] == s["best_lr"] and p.get("final_loss") is not None and p.get("metrics_csv")
+def _best_runs(sel: Selection, bs: int, s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every seed's run at batch ``bs``'s best swept LR (the best LR is a mean over them)."""
+    if s.get("best_lr") is None:
+        return []
+    return [
+        r
+        for r in sel.sweeps.get(bs, [])
+        if float(r["lr"]) == float(s["best_lr"]) and r.get("status") == "completed"
     ]
-    if not pts:
-        return None
-    p = min(pts, key=lambda q: q["final_loss"])
-    return {
-        "lr": p["lr"],
-        "final_val_loss": s["best_loss"],  # the mean over seeds, as the sweep reports it
-        # One seed: that run's validation SE; several: the sweep's se of the mean over seeds.
-        "final_val_loss_se": p.get("val_se") if len(pts) == 1 else s.get("best_se"),
-        "metrics_csv": p["metrics_csv"],
-        "steps_done": s["max_steps"],
-        "tokens_per_step": None,
-    }
 
 
 def _word(d: float | None) -> str:
@@ -282,15 +301,17 @@ def _word(d: float | None) -> str:
     return "lower" if d < 0 else "higher"
 
 
-def tuned_section(
-    study_dir: str | Path, out_dir: str | Path, window: int = 20
-) -> tuple[str, dict[str, Any], list[str]]:
-    """Each batch at its own best swept LR beside the seed rule's y and z (Shallue et al. 2018)."""
-    sw = sweeps(study_dir)
-    lines = ["## Each batch at its own best LR", ""]
+def tuned_section(study: Study, ctx: ReportContext, window: int = 20) -> Section:
+    """Each batch at its own best swept LR beside the seed rule's y and z (Shallue et al. 2018),
+    every seed of each side."""
+    key, title = "tuned", "Each batch at its own best LR"
+    sel = study.selection
+    assert sel is not None
+    sw = sweeps(sel)
     if len(sw) < 2:
-        return "\n".join([*lines, RUN_IT, "(needs a sweep at two batch sizes)"]) + "\n", {}, []
-    sr = seed_rule(study_dir)
+        return Section(key, title, RUN_IT + "\n(needs a sweep at two batch sizes)", {})
+    sr = seed_rule(sel)
+    lines: list[str] = []
     small_bs, large_bss = min(sw), [b for b in sw if b != min(sw)]
     data: dict[str, Any] = {"seed_rule": {}, "tuned": {}, "sentences": {}}
     lines += [
@@ -305,12 +326,12 @@ def tuned_section(
         "|---|---|---|---|",
     ]
     sentences = []
-    fig, axes = _figure(10.0, 4.0, ncols=2)
+    fig, axes = new_figure(10.0, 4.0, ncols=2)
     for lb in large_bss:
         rows: dict[str, dict[str, Any]] = {}
         if small_bs in sr["runs"] and lb in sr["runs"]:
             rows["seed rule (y, z)"] = _pair(sr["runs"][small_bs], sr["runs"][lb], window)
-        bs_small, bs_large = _best_run(sw[small_bs]), _best_run(sw[lb])
+        bs_small, bs_large = _best_runs(sel, small_bs, sw[small_bs]), _best_runs(sel, lb, sw[lb])
         if bs_small and bs_large:
             rows["each at its best swept LR"] = _pair(bs_small, bs_large, window)
         for name, r in rows.items():
@@ -336,9 +357,9 @@ def tuned_section(
         _plot_pair(axes, rows, small_bs, lb)
     lines += ["", *sentences]
     data["sentence"] = sentences[0]
-    png = _save(fig, out_dir, "tuned_comparison.png")
-    lines += ["", "![each batch at its own best LR](tuned_comparison.png)"]
-    return "\n".join(lines) + "\n", data, [png]
+    png = ctx.save(fig, "tuned_comparison.png")
+    lines += ["", f"![each batch at its own best LR]({png})"]
+    return Section(key, title, "\n".join(lines).strip(), data, [png])
 
 
 def _sentence(
@@ -416,20 +437,17 @@ def _detector_cfg(rec: dict[str, Any], **override: Any) -> DetectorConfig:
     return DetectorConfig(**{**saved, **override})
 
 
-def superconvergence_section(
-    study_dir: str | Path, out_dir: str | Path
-) -> tuple[str, dict[str, Any], list[str]]:
+def superconvergence_section(study: Study, ctx: ReportContext) -> Section:
     """The superconvergence curve with the study's onset and the seed's literal onset."""
-    sr = seed_rule(study_dir)
+    key, title = "onsets", "Where x is read: the superconvergence curve"
+    sel = study.selection
+    assert sel is not None
+    sr = seed_rule(sel)
     rec = sr["sc"]
-    lines = ["## Where the superconvergence run destabilised", ""]
     if rec is None:
-        return (
-            "\n".join([*lines, "No diverged superconvergence record in this study."]) + "\n",
-            {},
-            [],
-        )
-    rows = read_rows(rec["metrics_csv"])
+        return Section(key, title, "No diverged superconvergence record in this study.", {})
+    lines: list[str] = []
+    rows = read_rows(rec)
     triples = [(int(r["step"]), r["lr"], r["train_loss"]) for r in rows]
     used = _detector_cfg(rec)
     onsets: dict[str, dict[str, Any]] = {}
@@ -447,7 +465,7 @@ def superconvergence_section(
             "onset_lr": v.onset_lr,
             "alarm_step": v.alarm_step,
         }
-    sw = sweeps(study_dir)
+    sw = sweeps(sel)
     cliff = sw[min(sw)]["cliff_lr"] if sw else None
     lines += [
         f"Warmup: {rec.get('warmup_shape', 'linear')}, stopped at step {rec.get('alarm_step')} "
@@ -465,7 +483,7 @@ def superconvergence_section(
             f"| {label} | {o['onset_step']} | {_f(o['onset_lr'], '.4g')} "
             f"| {_f(o['onset_lr'] / cliff if (cliff and o['onset_lr']) else None, '.3g')} |"
         )
-    fig, ax = _figure()
+    fig, ax = new_figure()
     lrs = [r["lr"] for r in rows][: len(smoothed)]
     ax.plot([r["lr"] for r in rows], [r["train_loss"] if math.isfinite(r["train_loss"]) else math.nan
             for r in rows], color="#999999", lw=0.6, alpha=0.6, label="training loss")  # fmt: skip
@@ -486,7 +504,12 @@ def superconvergence_section(
     ax.set_title("Superconvergence run: loss against LR")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    png = _save(fig, out_dir, "superconvergence_onsets.png")
-    lines += ["", "![superconvergence onsets](superconvergence_onsets.png)"]
-    data = {"unstable_lr": rec["unstable_lr"], "onsets": onsets, "small_cliff": cliff}
-    return "\n".join(lines) + "\n", data, [png]
+    png = ctx.save(fig, "superconvergence_onsets.png")
+    lines += ["", f"![superconvergence onsets]({png})"]
+    data = {
+        "run_id": run_name(rec),
+        "unstable_lr": rec["unstable_lr"],
+        "onsets": onsets,
+        "small_cliff": cliff,
+    }
+    return Section(key, title, "\n".join(lines).strip(), data, [png])
