@@ -104,17 +104,43 @@ def test_sweep_settings_validate_where_defined():
         SweepConfig(seeds=[0, 0])
     with pytest.raises(ConfigError, match="sweep.multiples"):
         SweepConfig(multiples=[])
+    assert SweepConfig.grid_size(SweepConfig(multiples=[1, 2], seeds=[0, 1], point=3)) == 4
+    with pytest.raises(ConfigError, match="sweep.point"):
+        SweepConfig(multiples=[1, 2], seeds=[0, 1], point=4)  # 2 LRs x 2 seeds: indices 0..3
+    with pytest.raises(ConfigError, match="sweep.point"):
+        SweepConfig(lrs=[0.001], point=-1)
+
+
+def test_point_indices_enumerate_seeds_x_lrs_and_collapse_onto_the_grid():
+    from batchsize_study.config import SweepConfig
+    from batchsize_study.sweep import grid_points
+
+    s = SweepConfig(multiples=[1, 0.25, 0.26, 1], seeds=[3, 5])
+    pts = grid_points(s, seed=0, x=0.01)
+    assert [(p.index, p.seed) for p in pts] == [(i, 3 if i < 4 else 5) for i in range(8)]
+    assert [p.same_as for p in pts] == [None, None, 1, 0, None, None, 5, 4]
+    grid = sweep_lrs(list(s.multiples), None, 0.01, True)  # the serial sweep's grid, per seed
+    for seed in (3, 5):
+        kept = sorted((p.lr, p.multiple) for p in pts if p.seed == seed and p.same_as is None)
+        assert kept == grid
+    absolute = grid_points(SweepConfig(lrs=[0.003, 0.001]), seed=7, x=None)
+    assert [(p.lr, p.multiple, p.seed) for p in absolute] == [
+        (2.0**-8, None, 7),
+        (2.0**-10, None, 7),
+    ]
 
 
 def test_smoke_lr_sweep_end_to_end_and_its_report(cfg_factory, tmp_path: Path):
+    from batchsize_study.config import CompareConfig
     from batchsize_study.experiments import run
     from batchsize_study.lr_sensitivity import SUMMARY
-    from batchsize_study.study import read_records
-    from batchsize_study.sweep_report import (
+    from batchsize_study.report import ReportContext, load_study
+    from batchsize_study.report.sweeps import (
         sensitivity_section,
         superconvergence_section,
         tuned_section,
     )
+    from batchsize_study.study import read_records
 
     study = tmp_path / "study"
     sc = run(cfg_factory("experiment=superconvergence"))
@@ -140,24 +166,35 @@ def test_smoke_lr_sweep_end_to_end_and_its_report(cfg_factory, tmp_path: Path):
     assert summarise(small["points"], small["sigmas"])["cliff_lr"] == small["cliff_lr"]
 
     out = tmp_path / "report"
-    md, data, pngs = sensitivity_section(study, out)
-    assert "Final loss against peak LR" in md and set(data["batches"]) == {"16", "64"}
-    md, data, tuned_pngs = tuned_section(study, out)
-    assert "own best LR" in md and data["seed_rule"] and data["tuned"]
-    assert data["sentence"] in md
+    out.mkdir()
+    loaded, ctx = load_study(study), ReportContext(out, CompareConfig(dpi=60))
+    sec = sensitivity_section(loaded, ctx)
+    assert "best LR" in sec.markdown and set(sec.data["batches"]) == {"16", "64"}
+    tuned = tuned_section(loaded, ctx)
+    assert "own best LR" in tuned.markdown and tuned.data["seed_rule"] and tuned.data["tuned"]
+    assert tuned.data["sentence"] in tuned.markdown
     # Per step, both comparisons carry the validation set's standard error (the plot's bars).
-    for row in (data["seed_rule"]["64"], data["tuned"]["64"]):
+    for row in (tuned.data["seed_rule"]["64"], tuned.data["tuned"]["64"]):
         assert all(row["per_step"][f"{w}_se"] > 0 for w in ("small", "large")), row["per_step"]
-    md, data, sc_pngs = superconvergence_section(study, out)
-    assert "onset" in md and data["onsets"]["rise"]["onset_lr"] is not None
-    for p in pngs + tuned_pngs + sc_pngs:
-        assert Path(p).exists() and Path(p).stat().st_size > 1000
+    onsets = superconvergence_section(loaded, ctx)
+    assert "onset" in onsets.markdown and onsets.data["onsets"]["rise"]["onset_lr"] is not None
+    for p in sec.plots + tuned.plots + onsets.plots:
+        assert (out / p).exists() and (out / p).stat().st_size > 1000
 
 
 def test_sections_without_sweep_records_say_what_to_run(tmp_path: Path):
-    from batchsize_study.sweep_report import sensitivity_section, tuned_section
+    from types import SimpleNamespace
 
-    md, data, pngs = sensitivity_section(tmp_path, tmp_path / "r")
-    assert "experiment=lr_sweep" in md and pngs == [] and data == {}
-    md, data, pngs = tuned_section(tmp_path, tmp_path / "r")
-    assert "experiment=lr_sweep" in md and pngs == []
+    from batchsize_study.config import CompareConfig
+    from batchsize_study.report import ReportContext
+    from batchsize_study.report.sweeps import sensitivity_section, tuned_section
+    from batchsize_study.study import select
+
+    study, ctx = (
+        SimpleNamespace(selection=select(tmp_path)),
+        ReportContext(tmp_path, CompareConfig()),
+    )
+    sec = sensitivity_section(study, ctx)  # type: ignore[arg-type]
+    assert "experiment=lr_sweep" in sec.markdown and sec.plots == [] and sec.data == {}
+    sec = tuned_section(study, ctx)  # type: ignore[arg-type]
+    assert "experiment=lr_sweep" in sec.markdown and sec.plots == []
