@@ -32,7 +32,7 @@ if [[ "${TINY:-0}" == "1" || "$has_gpu" != "1" ]]; then
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
   # 124M parameters, seq 1024, micro batch 16 (small_batch 16 x 1; large_batch 16 x 4).
-  MODEL=(model=gpt2_124m data.tokenizer.vocab_size=50257)
+  MODEL=(model=gpt2_124m)  # the preset carries its 50257-token vocabulary
   STEPS=(--steps 40 --warmup 10 --large-steps 16 --large-warmup 4)
   STUDY=(trainer.accelerator=gpu trainer.devices=1)
   BUDGET="${BUDGET:-480}"
