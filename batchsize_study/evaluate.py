@@ -32,123 +32,95 @@ import io
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
+from transformers import GenerationConfig
 
-from batchsize_study import __version__
 from batchsize_study.config import Config, EvaluateConfig
+from batchsize_study.data import prepare_corpus
 from batchsize_study.errors import DataError, UpstreamError
+from batchsize_study.model import CausalLMModule
+from batchsize_study.runtime import (
+    check_writable,
+    compat_key,
+    resolve_precision,
+    study_dir,
+    uses_cuda,
+)
 from batchsize_study.stats import json_safe, mean_se, paired_bootstrap, paired_test
+from batchsize_study.study import (
+    COMPARED,
+    RECORD,
+    Pair,
+    read_records,
+    run_name,
+    runs_dir,
+    select_records,
+    stable_hash,
+    write_bytes_atomic,
+    write_record,
+)
 from batchsize_study.study import EVALUATION as EXPERIMENT
 from batchsize_study.study import EVALUATION_LOSSES as LOSSES_FILE
 
 log = logging.getLogger("batchsize_study")
 
-TRAINED = ("small_batch", "large_batch")
-
 
 # ---------------------------------------------------------------- which models (pure)
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One seed's small- and large-batch records: scored on the same windows, compared."""
-
-    seed: int
-    small: dict[str, Any]
-    large: dict[str, Any]
-
-
-def _run_name(rec: dict[str, Any]) -> str:
-    return rec.get("run_id") or Path(rec.get("_path", "?")).parent.name
 
 
 def select_pairs(
     records: list[dict[str, Any]], compat_key: str, study_dir: str
 ) -> tuple[list[Pair], list[str]]:
-    """(pairs, notes): the latest completed run per (experiment, batch size, seed) of this model
-    and corpus; each large_batch run paired with the small_batch run of the same seed at the
-    small batch size the large runs derived their LR from. Notes name what was left out.
+    """(pairs, notes) of the study's one selection (batchsize_study.study.select) for this
+    model and corpus: the runs the verdict compares, and what was left out.
 
     Raises UpstreamError (one line, what to run) when there is nothing to pair.
     """
-    trained = [r for r in records if r.get("experiment") in TRAINED]
+    sel = select_records(records, study_dir, compat_key)
+    if sel.pairs:
+        return sel.pairs, sel.ignored
+    trained = [r for r in records if r.get("experiment") in COMPARED]
     done = [r for r in trained if r.get("status") == "completed"]
-    usable = [r for r in done if r.get("compat_key") == compat_key]
     chain = (
         "`python -m batchsize_study -m experiment=superconvergence,small_batch,large_batch "
         f"study.dir={study_dir}`"
     )
-    missing = [e for e in TRAINED if not any(r["experiment"] == e for r in usable)]
+    missing = [e for e, have in zip(COMPARED, (sel.small, sel.large)) if not have]
+    if missing and any(r["experiment"] in missing for r in done):
+        raise UpstreamError(
+            f"study.dir={study_dir}: the completed {' and '.join(missing)} records are of another "
+            "model or corpus than this evaluate run; run evaluate with the same model=, data= and "
+            "debug= settings as the training runs"
+        )
     if missing:
-        if any(r["experiment"] in missing for r in done):
-            raise UpstreamError(
-                f"study.dir={study_dir}: the completed {' and '.join(missing)} records are of another "
-                "model or corpus than this evaluate run; run evaluate with the same model=, data= and "
-                "debug= settings as the training runs"
-            )
         found = ", ".join(f"{r['experiment']}:{r.get('status')}" for r in trained) or "none"
         raise UpstreamError(
             f"study.dir={study_dir}: no completed {' or '.join(missing)} record to evaluate "
             f"(found: {found}); run {chain} first"
         )
-    notes: list[str] = []
-    latest: dict[tuple[str, int, int], dict[str, Any]] = {}
-    for r in usable:  # oldest first: a later run of the same key supersedes
-        k = (r["experiment"], int(r["batch_size"]), int(r.get("seed", 0)))
-        if k in latest:
-            notes.append(f"{_run_name(latest[k])}: superseded by a later run")
-        latest[k] = r
-    smalls = [r for k, r in latest.items() if k[0] == "small_batch"]
-    larges = sorted(
-        (r for k, r in latest.items() if k[0] == "large_batch"),
-        key=lambda r: (int(r["batch_size"]), int(r.get("seed", 0))),
+    small_seeds = sorted(sel.small)
+    large_seeds = sorted({s for g in sel.large.values() for s in g})
+    raise UpstreamError(
+        f"study.dir={study_dir}: no seed has both a completed small_batch (batch "
+        f"{sel.small_batch}, seeds {small_seeds}) and large_batch run (seeds {large_seeds}); run "
+        f"large_batch with seed={small_seeds[0]} (or small_batch with the large run's seed) first"
     )
-    derived = [(r.get("derivation") or {}).get("small_batch_size") for r in larges]
-    sizes = sorted({int(r["batch_size"]) for r in smalls})
-    base = max(sizes, key=lambda b: (derived.count(b), sum(r["batch_size"] == b for r in smalls)))
-    by_seed = {int(r.get("seed", 0)): r for r in smalls if int(r["batch_size"]) == base}
-    for r in smalls:
-        if int(r["batch_size"]) != base:
-            notes.append(
-                f"{_run_name(r)}: small batch {r['batch_size']}, the large runs derive from {base}"
-            )
-    pairs: list[Pair] = []
-    for r in larges:
-        seed = int(r.get("seed", 0))
-        if seed in by_seed and int(r["batch_size"]) != base:
-            pairs.append(Pair(seed, by_seed[seed], r))
-        else:
-            notes.append(f"{_run_name(r)}: no small_batch run (batch {base}) with seed {seed}")
-    paired_small = {id(p.small) for p in pairs}
-    notes += [
-        f"{_run_name(r)}: no large_batch run with seed {s}"
-        for s, r in sorted(by_seed.items())
-        if id(r) not in paired_small
-    ]
-    if not pairs:
-        small_seeds = sorted(by_seed)
-        large_seeds = sorted({int(r.get("seed", 0)) for r in larges})
-        raise UpstreamError(
-            f"study.dir={study_dir}: no seed has both a completed small_batch (batch {base}, seeds "
-            f"{small_seeds}) and large_batch run (seeds {large_seeds}); run large_batch with "
-            f"seed={small_seeds[0]} (or small_batch with the large run's seed) first"
-        )
-    return pairs, notes
 
 
 def models_of(pairs: list[Pair]) -> list[dict[str, Any]]:
     """Each record once (a small run pairs with every large batch size), small runs first."""
     seen: dict[str, dict[str, Any]] = {}
     for p in sorted(pairs, key=lambda p: p.seed):
-        seen.setdefault(_run_name(p.small), p.small)
+        seen.setdefault(run_name(p.small), p.small)
     for p in pairs:
-        seen.setdefault(_run_name(p.large), p.large)
+        seen.setdefault(run_name(p.large), p.large)
     return list(seen.values())
 
 
@@ -165,7 +137,7 @@ def checkpoint_path(rec: dict[str, Any]) -> Path:
             return p
     where = " or ".join(str(p) for p in tried) or "no checkpoint recorded"
     raise UpstreamError(
-        f"{rec.get('experiment')} run {_run_name(rec)}: its saved model is missing ({where}); "
+        f"{rec.get('experiment')} run {run_name(rec)}: its saved model is missing ({where}); "
         f"restore the file, or re-train it with `python -m batchsize_study "
         f"experiment={rec.get('experiment')} seed={rec.get('seed')} force=true` (same study.dir)"
     )
@@ -281,8 +253,7 @@ def load_test_windows(path: str, dtype: str, seq_len: int, max_windows: int | No
 
 
 def _device(accelerator: str | None) -> torch.device:
-    from batchsize_study.runtime import uses_cuda
-
+    """Evaluate where Lightning would train with this ``trainer.accelerator``."""
     if uses_cuda(accelerator):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -339,6 +310,21 @@ def prompts(windows: np.ndarray, n: int, prompt_tokens: int) -> list[np.ndarray]
     return [windows[i, : min(prompt_tokens, windows.shape[1])] for i in picks]
 
 
+def _generation_config(n_tokens: int, temperature: float) -> GenerationConfig:
+    """Exactly ``n_tokens`` new tokens, greedy or plain temperature sampling (no top-k/top-p),
+    with no special tokens: our models have no EOS to stop at and no padding, and naming them
+    None keeps Hugging Face from warning that it substitutes one."""
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    return GenerationConfig(
+        max_new_tokens=n_tokens,
+        use_cache=True,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        **(sampling if temperature > 0 else dict(do_sample=False)),
+    )
+
+
 @torch.inference_mode()
 def generate(
     model: torch.nn.Module,
@@ -349,36 +335,52 @@ def generate(
     seed: int = 0,
     autocast: Any = contextlib.nullcontext,
 ) -> list[int]:
-    """Continue ``prompt`` by ``n_tokens`` tokens: greedy at temperature 0, else sampled with a
-    seeded generator. The input is cropped to the model's last ``context`` tokens (as nanoGPT's
-    ``generate``), so no position exceeds what the model was trained on."""
+    """Continue ``prompt`` by ``n_tokens`` tokens with the model's own ``generate`` (a KV cache:
+    one token's forward per new token, not the whole text's): greedy at temperature 0, else
+    temperature sampling seeded by ``seed`` (a re-run gives the same text; the caller's random
+    state is left untouched).
+
+    No position exceeds ``context``, the window the model was trained on (GPT-2 has no position
+    embedding past it). Where prompt + ``n_tokens`` fits, it is one call. Otherwise the prompt's
+    front is cropped so that it does, but never below half the context of text to condition on:
+    past that, the text is continued in chunks, each re-reading the last ``context // 2`` or more
+    tokens (a fresh cache) and adding the rest of the context. The window thus slides by up to half
+    a context at a time, where the earlier hand-written loop slid by one token and re-read the
+    whole context for every token (the same tokens wherever prompt + ``n_tokens`` fits).
+    """
+    if n_tokens <= 0:
+        return []
+    seq = [int(t) for t in np.asarray(prompt).reshape(-1)]
+    if not seq or context < 2:
+        raise ValueError(f"generate needs a prompt and a context of 2 or more ({context})")
     device = next(model.parameters()).device
-    ids = torch.as_tensor(np.asarray(prompt, dtype=np.int64), device=device)[None, :]
-    gen = torch.Generator().manual_seed(seed)
     new: list[int] = []
-    for _ in range(n_tokens):
-        with autocast():
-            logits = model(input_ids=ids[:, -context:]).logits[0, -1]
-        logits = logits.float().cpu()
-        if temperature == 0:
-            nxt = int(torch.argmax(logits))
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
-        new.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        while len(new) < n_tokens:
+            left = n_tokens - len(new)
+            keep = min(len(seq), max(context - left, context // 2))
+            ids = torch.tensor([seq[len(seq) - keep :]], dtype=torch.long, device=device)
+            config = _generation_config(min(left, context - keep), temperature)
+            with autocast():
+                out = model.generate(
+                    ids, attention_mask=torch.ones_like(ids), generation_config=config
+                )
+            chunk = out[0, keep:].tolist()
+            new += chunk
+            seq += chunk
     return new
 
 
 def load_model(path: Path, rec: dict[str, Any]) -> torch.nn.Module:
-    """The Hugging Face model inside a saved CausalLMModule; UpstreamError if it does not load."""
-    from batchsize_study.model import CausalLMModule
-
+    """The Hugging Face model inside a saved CausalLMModule; UpstreamError if it does not load.
+    Checkpoints written before ModuleSettings load too (CausalLMModule accepts their flat
+    hyperparameters)."""
     try:
         module = CausalLMModule.load_from_checkpoint(str(path), map_location="cpu")
     except Exception as exc:  # torch/pickle raise many types for a damaged file
         raise UpstreamError(
-            f"{rec.get('experiment')} run {_run_name(rec)}: its saved model {path} does not load "
+            f"{rec.get('experiment')} run {run_name(rec)}: its saved model {path} does not load "
             f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); "
             f"re-train it with `python -m batchsize_study experiment={rec.get('experiment')} "
             f"seed={rec.get('seed')} force=true` (same study.dir)"
@@ -390,7 +392,6 @@ def load_model(path: Path, rec: dict[str, Any]) -> torch.nn.Module:
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    from batchsize_study.study import write_bytes_atomic
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -400,11 +401,6 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def run_evaluate(c: Config) -> dict[str, Any]:
     """``experiment=evaluate``: score every paired saved model on the test split; write
     ``runs/evaluate-<hash>/`` (result.json, per_window_losses.npz) and nothing else."""
-    from tokenizers import Tokenizer
-
-    from batchsize_study.data import prepare_corpus
-    from batchsize_study.runtime import check_writable, compat_key, resolve_precision, study_dir
-    from batchsize_study.study import RECORD, read_records, runs_dir, stable_hash, write_json_atomic
 
     t0 = time.time()
     s = c.evaluate
@@ -422,7 +418,7 @@ def run_evaluate(c: Config) -> dict[str, Any]:
                 raise
             time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
     models = models_of(pairs)
-    ckpts = {_run_name(r): checkpoint_path(r) for r in models}  # every file checked before work
+    ckpts = {run_name(r): checkpoint_path(r) for r in models}  # every file checked before work
     precision = resolve_precision(c.precision, c.trainer.get("accelerator"))
     settings = asdict(s)
     chash = stable_hash(
@@ -468,7 +464,7 @@ def run_evaluate(c: Config) -> dict[str, Any]:
     losses: dict[str, np.ndarray] = {}
     model_rows: list[dict[str, Any]] = []
     for rec in models:
-        name = _run_name(rec)
+        name = run_name(rec)
         t1 = time.time()
         model, autocast = prepare_model(load_model(ckpts[name], rec), precision, device)
         losses[name] = window_losses(model, windows, s.batch_size, autocast)
@@ -513,16 +509,16 @@ def run_evaluate(c: Config) -> dict[str, Any]:
         )
         b_small = int(ps[0].small["batch_size"])
         d = difference(
-            [losses[_run_name(p.small)] for p in ps],
-            [losses[_run_name(p.large)] for p in ps],
+            [losses[run_name(p.small)] for p in ps],
+            [losses[run_name(p.large)] for p in ps],
             [p.seed for p in ps],
             s,
         )
         d.update(
             small_batch_size=b_small,
             large_batch_size=b_large,
-            small_runs=[_run_name(p.small) for p in ps],
-            large_runs=[_run_name(p.large) for p in ps],
+            small_runs=[run_name(p.small) for p in ps],
+            large_runs=[run_name(p.large) for p in ps],
             text=verdict_sentence(d, b_small, b_large, s.confidence),
         )
         comparisons.append(d)
@@ -561,6 +557,8 @@ def run_evaluate(c: Config) -> dict[str, Any]:
             "message": message,
             "run_id": run_id,
             "study": c.study.name,
+            "seed": c.seed,
+            "batch_size": None,
             "seeds": sorted({p.seed for p in pairs}),
             "compat_key": key,
             "corpus_fingerprint": corpus.fingerprint,
@@ -586,16 +584,16 @@ def run_evaluate(c: Config) -> dict[str, Any]:
             "evaluate": settings,
             "per_window_losses": str(npz_path),
             "config_hash": chash,
-            "package_version": __version__,
             "wall_seconds": round(time.time() - t0, 2),
-            "finished_at": time.time(),
         }
     )
-    write_json_atomic(record_path, record)
+    record = write_record(record_path, record)
     for cmp in comparisons:
         log.info("evaluate: %s", cmp["text"])
     log.info("record: %s", record_path)
-    record["_path"] = str(record_path)
+    from batchsize_study.wandb_results import log_evaluate
+
+    log_evaluate(c, record, sdir)  # the test-set numbers as a wandb run, when wandb is on
     return record
 
 

@@ -23,6 +23,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
+from transformers import AutoModelForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,6 @@ def measured_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     Attention is counted as the full T x T product, PaLM's convention (a causal kernel skips about
     half of it).
     """
-    from lightning.fabric.utilities.throughput import measure_flops
-    from transformers import AutoModelForCausalLM
-
     hf_cfg = model.config
     attn = getattr(hf_cfg, "_attn_implementation", None) or "sdpa"
     with torch.device("meta"):
@@ -115,8 +114,6 @@ def measured_cpu_peak(dtype: str = "fp32", size: int = 1024, seconds: float = 0.
 def gpu_peak(device: torch.device, precision: str) -> float | None:
     """The dense data-sheet peak of this GPU at this precision: Lightning's table, with the H200
     corrected (see the module docstring); None where neither knows the device."""
-    from lightning.fabric.utilities.throughput import get_available_flops
-
     name = torch.cuda.get_device_name(device).lower()
     key = _dtype_key(precision)
     if "h200" in name:

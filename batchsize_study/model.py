@@ -4,12 +4,15 @@ AdamW with decay on matrices only, warmup + cosine stepped per optimizer step.""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from batchsize_study.config import ModelConfig, OptimConfig, ScheduleConfig
 from batchsize_study.noise import backward_in_pieces, splits_step
@@ -17,10 +20,59 @@ from batchsize_study.schedule import build_scheduler
 from batchsize_study.steps import StepStats
 
 
-def build_hf_config(cfg: ModelConfig, vocab_size: int):  # noqa: ANN201 - transformers.PretrainedConfig
-    """Map our few architecture knobs onto the named Hugging Face config class."""
-    from transformers import AutoConfig
+@dataclass(frozen=True)
+class ModuleSettings:
+    """Everything :class:`CausalLMModule` is built from, in one object: a new knob is one field
+    here instead of one more positional parameter at every construction site."""
 
+    model: ModelConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    vocab_size: int
+    peak_lr: float
+    max_steps: int
+    warmup_steps: int
+    compile: bool = False
+    noise_split: int = 1
+    """The gradient noise scale (noise.py): every ``noise_split_every``-th step's backward runs
+    in ``noise_split`` pieces, so that step holds two batch sizes."""
+    noise_split_every: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only: what a checkpoint stores as the module's hyperparameters."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModuleSettings:
+        """The inverse of :meth:`to_dict`; config objects given as such are kept."""
+        d = dict(d)
+        for key, kind in (
+            ("model", ModelConfig),
+            ("optim", OptimConfig),
+            ("schedule", ScheduleConfig),
+        ):
+            if key in d and not isinstance(d[key], kind):
+                d[key] = kind(**d[key])
+        return cls(**d)
+
+    @classmethod
+    def from_legacy(cls, hp: Mapping[str, Any]) -> ModuleSettings:
+        """Settings from the flat keyword form of checkpoints written before ModuleSettings
+        (``model_cfg=..., optim_cfg=..., schedule_cfg=..., vocab_size=..., ...``)."""
+        d = {_LEGACY_NAMES.get(k, k): v for k, v in hp.items()}
+        unknown = set(d) - _FIELDS
+        if unknown:
+            raise TypeError(f"CausalLMModule got unexpected argument(s) {sorted(unknown)}")
+        return cls.from_dict(d)
+
+
+# The old keyword names of CausalLMModule.__init__ that ModuleSettings renamed.
+_LEGACY_NAMES = {"model_cfg": "model", "optim_cfg": "optim", "schedule_cfg": "schedule"}
+_FIELDS = set(ModuleSettings.__dataclass_fields__)
+
+
+def build_hf_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
+    """Map our few architecture knobs onto the named Hugging Face config class."""
     common = dict(vocab_size=vocab_size, tie_word_embeddings=cfg.tie_embeddings)
     if cfg.arch == "gpt2":
         kw = dict(
@@ -60,8 +112,7 @@ def _swiglu_width(hidden: int) -> int:
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
+    """The architecture from its config, randomly initialised (no weights are downloaded)."""
     hf_cfg = build_hf_config(cfg, vocab_size)
     return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=cfg.attn_implementation)
 
@@ -87,53 +138,30 @@ class CausalLMModule(pl.LightningModule):
     path has no host sync."""
 
     def __init__(
-        self,
-        model_cfg: ModelConfig,
-        optim_cfg: OptimConfig,
-        schedule_cfg: ScheduleConfig,
-        vocab_size: int,
-        peak_lr: float,
-        max_steps: int,
-        warmup_steps: int,
-        compile: bool = False,
-        noise_split: int = 1,
-        noise_split_every: int = 1,
+        self, settings: ModuleSettings | Mapping[str, Any] | None = None, **legacy: Any
     ) -> None:
+        """``settings``: a ModuleSettings, or its dict (how a checkpoint stores it).
+
+        ``**legacy`` only exists so ``load_from_checkpoint`` still loads checkpoints written
+        before ModuleSettings: Lightning passes their saved flat hyperparameters
+        (``model_cfg=..., optim_cfg=..., ...``) as keywords. New code passes ``settings``.
+        """
         super().__init__()
-        # Checkpoints store plain dicts; accept both so load_from_checkpoint rebuilds the module.
-        self.model_cfg = (
-            model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**model_cfg)
-        )
-        self.optim_cfg = (
-            optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig(**optim_cfg)
-        )
-        self.schedule_cfg = (
-            schedule_cfg
-            if isinstance(schedule_cfg, ScheduleConfig)
-            else ScheduleConfig(**schedule_cfg)
-        )
-        self.save_hyperparameters(
-            {
-                "model_cfg": asdict(self.model_cfg),
-                "optim_cfg": asdict(self.optim_cfg),
-                "schedule_cfg": asdict(self.schedule_cfg),
-                "vocab_size": vocab_size,
-                "peak_lr": peak_lr,
-                "max_steps": max_steps,
-                "warmup_steps": warmup_steps,
-                "compile": compile,
-                "noise_split": noise_split,
-                "noise_split_every": noise_split_every,
-            }
-        )
-        self.vocab_size, self.peak_lr = vocab_size, peak_lr
-        self.max_steps, self.warmup_steps = max_steps, warmup_steps
-        # The gradient noise scale (noise.py): every noise_split_every-th step's backward runs in
-        # noise_split pieces, so that step holds two batch sizes.
-        self.noise_split, self.noise_split_every = noise_split, noise_split_every
+        if settings is None:
+            if not legacy:
+                raise TypeError("CausalLMModule needs settings (a ModuleSettings)")
+            settings = ModuleSettings.from_legacy(legacy)
+        elif legacy:
+            raise TypeError(
+                f"CausalLMModule takes settings or the old keywords, not both: {legacy}"
+            )
+        elif not isinstance(settings, ModuleSettings):
+            settings = ModuleSettings.from_dict(settings)
+        self.settings = settings
+        self.save_hyperparameters({"settings": settings.to_dict()})
         self._grads_hold_pieces = False
-        self.model = build_model(self.model_cfg, vocab_size)
-        self._forward = torch.compile(self.model) if compile else self.model
+        self.model = build_model(settings.model, settings.vocab_size)
+        self._forward = torch.compile(self.model) if settings.compile else self.model
         # Per-window losses' mean and mean square (synced across ranks by torchmetrics): the
         # validation loss and the standard error of its mean over the windows.
         self.val_loss = MeanMetric()
@@ -162,9 +190,10 @@ class CausalLMModule(pl.LightningModule):
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        if self.noise_split > 1 and splits_step(self.trainer.global_step, self.noise_split_every):
+        split, every = self.settings.noise_split, self.settings.noise_split_every
+        if split > 1 and splits_step(self.trainer.global_step, every):
             self._grads_hold_pieces = True
-            return backward_in_pieces(self, batch, self.noise_split, self.loss)
+            return backward_in_pieces(self, batch, split, self.loss)
         return self.loss(batch)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:  # noqa: ANN001
@@ -199,25 +228,25 @@ class CausalLMModule(pl.LightningModule):
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:  # noqa: ANN001
         # One fused pass both measures and clips the global norm; the norm stays on the device.
-        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else math.inf
+        clip = self.settings.optim.grad_clip
+        max_norm = clip if clip is not None else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm).detach()
         self.step_stats = StepStats(lr=optimizer.param_groups[0]["lr"], grad_norm=norm)
 
     def configure_optimizers(self) -> dict:
-        o = self.optim_cfg
+        o, s = self.settings.optim, self.settings.schedule
         fused = torch.cuda.is_available() and next(self.parameters()).is_cuda
         opt = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay),
-            lr=self.peak_lr,
+            lr=self.settings.peak_lr,
             betas=tuple(o.betas),
             eps=o.eps,
             fused=fused or None,
         )
-        s = self.schedule_cfg
         sched = build_scheduler(
             opt,
-            warmup_steps=self.warmup_steps,
-            max_steps=self.max_steps,
+            warmup_steps=self.settings.warmup_steps,
+            max_steps=self.settings.max_steps,
             warmup_shape=s.warmup_shape,
             decay=s.decay,
             min_lr_ratio=s.min_lr_ratio,

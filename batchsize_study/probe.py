@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from batchsize_study.config import Config, ProbeConfig
-from batchsize_study.metrics import read_metrics
+from batchsize_study.data import prepare_corpus
+from batchsize_study.metrics import METRICS, read_metrics
 from batchsize_study.probe_analysis import (
     SUMMARY,
     analyse,
@@ -51,7 +52,17 @@ from batchsize_study.probe_analysis import (
     final_loss_se,
     still_improving,
 )
+from batchsize_study.runtime import compat_key, config_hash, study_dir
 from batchsize_study.stats import json_safe
+from batchsize_study.study import (
+    RECORD,
+    beside,
+    find_unstable_lr,
+    make_run_id,
+    runs_dir,
+    write_record,
+)
+from batchsize_study.training import train
 
 log = logging.getLogger("batchsize_study")
 
@@ -73,16 +84,6 @@ def probe_config(c: Config, s: ProbeConfig, lr: float) -> Config:
 
 def run_probe(c: Config) -> dict[str, Any]:
     """Run every probe (each writes its own record), Lightning's LR finder, and a summary record."""
-    from batchsize_study.data import prepare_corpus
-    from batchsize_study.runtime import compat_key, config_hash, study_dir
-    from batchsize_study.study import (
-        find_unstable_lr,
-        make_run_id,
-        runs_dir,
-        write_json_atomic,
-    )
-    from batchsize_study.training import train
-
     t0 = time.time()
     s = c.probe
     sdir = study_dir(c)
@@ -97,7 +98,7 @@ def run_probe(c: Config) -> dict[str, Any]:
             probe_config(c, s, m * x),
             extra_record={"probe_multiple": m, "unstable_lr": x, "upstream": up.paths},
         )
-        losses = read_metrics(rec["metrics_csv"]).train_loss.tolist()
+        losses = read_metrics(beside(rec, METRICS)).train_loss.tolist()
         probes.append(
             {
                 "multiple": m,
@@ -109,14 +110,13 @@ def run_probe(c: Config) -> dict[str, Any]:
                 "status": rec.get("status"),
                 "final_val_loss": rec.get("final_val_loss"),
                 "run_id": rec.get("run_id"),
-                "metrics_csv": rec.get("metrics_csv"),
             }
         )
     result = analyse(x, probes, s.noise_sigmas)
     finder = run_lr_find(c, s, corpus, x, sdir) if s.lr_find else None
     chash = config_hash(c, x)
     run_id = make_run_id("stability_probe-summary", c.batch_size, c.seed, chash)
-    path = runs_dir(sdir) / run_id / "result.json"
+    path = runs_dir(sdir) / run_id / RECORD
     suggestion = finder.get("suggestion") if finder else None
     summary = {
         "experiment": SUMMARY,
@@ -144,10 +144,8 @@ def run_probe(c: Config) -> dict[str, Any]:
         "lr_find_over_x": (suggestion / x) if suggestion else None,
         "config_hash": chash,
         "wall_seconds": round(time.time() - t0, 2),
-        "finished_at": time.time(),
     }
-    write_json_atomic(path, summary)
-    summary["_path"] = str(path)
+    summary = write_record(path, summary)
     log.info("stability probe: %s", summary["message"])
     log.info("record: %s", path)
     return summary
@@ -181,14 +179,22 @@ def run_lr_find(
 
     from batchsize_study.batch import plan_batch
     from batchsize_study.data import TokenDataModule
-    from batchsize_study.model import CausalLMModule
+    from batchsize_study.model import CausalLMModule, ModuleSettings
     from batchsize_study.runtime import resolve_precision, resolve_world_size
 
     world = resolve_world_size(c.trainer)
     plan = plan_batch(c.batch_size, c.micro_batch_size, world, c.model.seq_len, c.max_steps)
     pl.seed_everything(c.seed, workers=True, verbose=False)
     module = CausalLMModule(
-        c.model, c.optim, c.schedule, corpus.vocab_size, x, s.lr_find_num_training, 0
+        ModuleSettings(
+            model=c.model,
+            optim=c.optim,
+            schedule=c.schedule,
+            vocab_size=corpus.vocab_size,
+            peak_lr=x,
+            max_steps=s.lr_find_num_training,
+            warmup_steps=0,
+        )
     )
     root = Path(sdir) / "runs" / f"stability_probe-lr_find-bs{c.batch_size}-seed{c.seed}"
     root.mkdir(parents=True, exist_ok=True)

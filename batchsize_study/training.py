@@ -31,10 +31,12 @@ from batchsize_study.data import TokenDataModule, prepare_corpus
 from batchsize_study.errors import ConfigError, UserError
 from batchsize_study.flops import flops_per_token, peak_flops_per_device
 from batchsize_study.metrics import METRICS
-from batchsize_study.model import CausalLMModule
+from batchsize_study.microbatch import check_setting as check_micro_batch_setting
+from batchsize_study.microbatch import resolve_micro_batch
+from batchsize_study.model import CausalLMModule, ModuleSettings
 from batchsize_study.noise import NoiseScaleCallback, noise_micro_batch
 from batchsize_study.progress import progress_bar
-from batchsize_study.record import RunOutcome, announce, build_record, existing_record
+from batchsize_study.record import RunOutcome, announce, build_record
 from batchsize_study.recorder import StepRecorder
 from batchsize_study.runtime import (
     WRITE_ERRNOS,
@@ -50,16 +52,16 @@ from batchsize_study.study import (
     RECORD,
     adam_sde_hparams,
     derive_lr,
+    existing_record,
     make_run_id,
     runs_dir,
-    write_json_atomic,
+    write_record,
 )
-from batchsize_study.wandb_utils import finish_wandb, make_wandb_logger, summarise
+from batchsize_study.study.stages import SMALL_BATCH, STAGES
+from batchsize_study.wandb_utils import finish_wandb, make_wandb_logger, summarise, wandb_record
 
 log = logging.getLogger("batchsize_study")
 
-KEEPS_MODEL = ("small_batch", "large_batch")
-MEASURES_NOISE = ("small_batch", "large_batch")
 
 
 def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -68,6 +70,7 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
     # Checks that need no corpus come first: a wrong batch split or a missing upstream record
     # costs one line, not a corpus preparation.
     sdir, world, plan = precheck_run(c)
+    check_micro_batch_setting(c, world)
 
     corpus = prepare_corpus(c.data, c.model.seq_len)
     key = compat_key(c, corpus.fingerprint)
@@ -86,20 +89,31 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
         )
         return existing
 
+    # micro_batch_size=auto becomes a number here, before the seed (its trial builds a model):
+    # the run's hash and id keep the setting, its record the number and the setting.
+    c, plan = resolve_micro_batch(
+        c,
+        plan,
+        corpus.vocab_size,
+        resolve_precision(c.precision, c.trainer.get("accelerator")),
+        lr.derivation,
+    )
     split = _noise_split(c, plan, world, lr.derivation)
     optim = _optimizer_settings(c, lr.derivation)
     pl.seed_everything(c.seed, workers=True, verbose=False)
     module = CausalLMModule(
-        c.model,
-        optim,
-        c.schedule,
-        corpus.vocab_size,
-        lr.peak_lr,
-        c.max_steps,
-        c.warmup_steps,
-        compile=c.compile,
-        noise_split=split,
-        noise_split_every=c.noise.split_every,
+        ModuleSettings(
+            model=c.model,
+            optim=optim,
+            schedule=c.schedule,
+            vocab_size=corpus.vocab_size,
+            peak_lr=lr.peak_lr,
+            max_steps=c.max_steps,
+            warmup_steps=c.warmup_steps,
+            compile=c.compile,
+            noise_split=split,
+            noise_split_every=c.noise.split_every,
+        )
     )
     precision = resolve_precision(c.precision, c.trainer.get("accelerator"))
     log.info("run %s -> %s", run_id, run_dir)
@@ -116,16 +130,17 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
 
     fpt = flops_per_token(module.model, c.model.seq_len)
     peak = c.peak_flops or peak_flops_per_device(precision)
-    keep_model = c.task in KEEPS_MODEL
+    stage = STAGES[c.task]
+    keep_model = stage.keeps_model
     ckpt_dir = run_dir / "checkpoints"
     resume = _resume_point(c, run_id, ckpt_dir) if keep_model else None
 
     detector = DestabilisationCallback(
-        DestabilisationDetector.from_config(c.detector), stop_on_rise=(c.task == "superconvergence")
+        DestabilisationDetector.from_config(c.detector), stop_on_rise=stage.stops_on_rise
     )
     noise_cb = None
     b_small = plan.micro_batch_size // split
-    if c.noise.enabled and c.task in MEASURES_NOISE and c.batch_size > b_small:
+    if c.noise.enabled and stage.measures_noise and c.batch_size > b_small:
         noise_cb = NoiseScaleCallback(
             b_small, c.batch_size, c.noise.ema, c.noise.split_every if split > 1 else None
         )
@@ -178,7 +193,18 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
         },
         "run_id": run_id,
     }
-    lg = make_wandb_logger(c.logger, sdir, c.study.name, c.task, run_id, record_config)
+    lg = make_wandb_logger(
+        c.logger,
+        sdir,
+        c.study.name,
+        c.task,
+        run_id,
+        record_config,
+        run_dir=run_dir,  # a resumed process continues the run's wandb run (wandb_utils.py)
+        resume_step=resume[1] if resume else 0,
+        tokens_per_step=plan.tokens_per_step,
+        force=c.force,
+    )
     loggers = [lg] if lg is not None else []
     try:
         trainer = _build_trainer(c, plan, precision, callbacks, loggers, run_dir, keep_model)
@@ -252,7 +278,8 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
             host_allocator=allocator,
             flops_per_token=fpt,
             peak_flops=peak,
-            tokens_per_second=list(recorder.tokens_per_second),
+            train_seconds=recorder.train_seconds,
+            startup_steps=list(recorder.startup_steps),
             val=dict(module.last_val),
             noise=noise_cb.summary() if noise_cb is not None else None,
             gradient_noise_scale=noise_cb.gradient_noise_scale if noise_cb is not None else None,
@@ -260,9 +287,10 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
             failed_step=recorder.nonfinite_step,
         )
         record = build_record(outcome)
+        record.update(wandb_record(loggers))  # the wandb run's id and path, when wandb is on
         if trainer.is_global_zero:
             try:
-                write_json_atomic(record_path, record)
+                record = write_record(record_path, record)
             except OSError as exc:
                 write_error = write_error or exc
                 log.error("could not write the record %s: %s", record_path, exc)
@@ -287,7 +315,7 @@ def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, An
 def _noise_split(c: Config, plan: BatchPlan, world: int, derivation: dict[str, Any]) -> int:
     """With one micro-batch per step on one device: how many pieces the module runs a measured
     step's backward in, so that step holds two batch sizes (see noise.py); 1 = no split."""
-    if not (c.noise.enabled and c.task in MEASURES_NOISE):
+    if not (c.noise.enabled and STAGES[c.task].measures_noise):
         return 1
     piece = noise_micro_batch(
         c.micro_batch_size, plan.accumulate_grad_batches, world, c.noise.split
@@ -315,7 +343,9 @@ def _optimizer_settings(c: Config, derivation: dict[str, Any]) -> OptimConfig:
     rule (Malladi et al. 2022, Definition 4.2)."""
     optim = c.optim
     if not (
-        c.lr_scaling.adam_sde and c.task == "large_batch" and derivation.get("small_batch_size")
+        c.lr_scaling.adam_sde
+        and STAGES[c.task].needs == SMALL_BATCH  # a run whose LR scales from the small batch's
+        and derivation.get("small_batch_size")
     ):
         return optim
     ratio = c.batch_size / derivation["small_batch_size"]
@@ -460,7 +490,7 @@ def _needs_final_validation(
     only, so every DDP rank reaches the same answer."""
     periodic = c.val_every_steps < c.max_steps
     return (
-        (keep_model or c.task == "lr_sweep")  # a sweep point's answer is its final val loss
+        (keep_model or STAGES[c.task].final_validation)  # a sweep point's answer: its val loss
         and c.val_at_end
         and periodic
         and c.max_steps % c.val_every_steps != 0
@@ -472,11 +502,12 @@ def _needs_final_validation(
 
 def _status(c: Config, trainer: pl.Trainer, detector: DestabilisationCallback) -> tuple[str, str]:
     v = detector.verdict
-    if detector.failure and c.task in ("stability_probe", "lr_sweep"):  # an answer, not a fault
+    stage = STAGES[c.task]
+    if detector.failure and stage.failure_is_answer:  # a measurement, not a fault
         return "diverged", detector.failure
     if detector.failure:
         return "failed", detector.failure
-    if c.task == "superconvergence":
+    if stage.stops_on_rise:
         if v.destabilised:
             msg = f"destabilised: onset at step {v.onset_step}, lr {v.onset_lr:.6g}; {v.reason}"
             watched = c.detector.ignore_first + c.detector.patience

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import make_cfg
 
-from batchsize_study.config import EvaluateConfig
+from batchsize_study.config import CompareConfig, EvaluateConfig
 from batchsize_study.errors import ConfigError, UpstreamError
 from batchsize_study.evaluate import (
     LOSSES_FILE,
@@ -25,8 +25,9 @@ from batchsize_study.evaluate import (
     select_pairs,
 )
 from batchsize_study.experiments import run
-from batchsize_study.report.evaluation import evaluate_section
-from batchsize_study.study import read_records
+from batchsize_study.report import ReportContext
+from batchsize_study.report.evaluation import evaluation_section
+from batchsize_study.study import select
 
 KEY = "k1"
 
@@ -261,10 +262,13 @@ def test_smoke_evaluation_end_to_end(study_copy: Path, tmp_path: Path) -> None:
     assert again["comparisons"][0]["interval"] == cmp["interval"]
 
     # the report section renders, figure included
-    md, data, pngs = evaluate_section(read_records(study_copy), tmp_path / "report")
-    assert "held-out test split" in md and f"{n:,} windows" in md
-    assert "⟶" in md and data["run_id"] == r["run_id"]
-    assert len(pngs) == 1 and Path(pngs[0]).stat().st_size > 1000
+    out = tmp_path / "report"
+    out.mkdir()
+    sec = evaluation_section(select(study_copy), ReportContext(out, CompareConfig()))
+    md, data = sec.markdown, sec.data
+    assert sec.title == "The saved models on the test split" and f"{n:,} windows" in md
+    assert "⟶" in md and data["run_id"] == again["run_id"] and data["of_compared_runs"]
+    assert len(sec.plots) == 1 and (out / sec.plots[0]).stat().st_size > 1000
     if r["test_split_too_small"]:
         assert "**Warning: TEST SPLIT TOO SMALL" in md
 
@@ -293,3 +297,114 @@ def test_evaluate_on_an_empty_study_names_the_chain(tmp_path: Path) -> None:
         run(make_cfg(tmp_path / "empty", "experiment=evaluate"))
     assert "experiment=superconvergence,small_batch,large_batch" in str(e.value)
     assert not (tmp_path / "empty" / "runs").exists()  # nothing written
+
+
+# ---------------------------------------------------------------- generation (issue 19)
+
+
+def _tiny_lm(arch: str, context: int = 16, vocab: int = 97):  # noqa: ANN202 - an HF model
+    """A small random causal LM built the way training builds one."""
+    import torch
+
+    from batchsize_study.config import ModelConfig
+    from batchsize_study.model import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2, seq_len=context)
+    return build_model(cfg, vocab).eval()
+
+
+def _loop_generate(model, prompt: np.ndarray, n_tokens: int, context: int) -> list[int]:  # noqa: ANN001
+    """The hand-written greedy loop evaluate.generate replaced (one full forward per token over
+    the last ``context`` tokens, no cache): the reference for its tokens."""
+    import torch
+
+    ids = torch.as_tensor(np.asarray(prompt, dtype=np.int64))[None, :]
+    new: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n_tokens):
+            logits = model(input_ids=ids[:, -context:]).logits[0, -1].float()
+            nxt = int(torch.argmax(logits))
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return new
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_generation_is_the_old_loops_tokens(arch: str) -> None:
+    """model.generate with its KV cache picks the same greedy tokens as the old O(n^2) loop
+    wherever prompt + new tokens fit the context."""
+    from batchsize_study.evaluate import generate
+
+    model = _tiny_lm(arch, context=16)
+    prompt = np.arange(3, 9)
+    for n in (1, 5, 10):
+        assert generate(model, prompt, n, 16) == _loop_generate(model, prompt, n, 16)
+    # a prompt too long for prompt + n: its front is cropped, as the loop crops its input
+    long_prompt = np.arange(40) % 97
+    assert generate(model, long_prompt, 4, 16) == _loop_generate(model, long_prompt[-12:], 4, 16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generation_past_the_context_slides_and_stays_inside_it(arch: str) -> None:
+    """More new tokens than the context holds: every call stays within the trained positions
+    (GPT-2 has no position embedding past them) and the continuation has the asked length."""
+    from batchsize_study.evaluate import generate
+
+    model = _tiny_lm(arch, context=8)
+    seen: list[int] = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        # generate widens the attention mask by one per token: its width = positions so far
+        seen.append(kwargs["attention_mask"].shape[1])
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    out = generate(model, np.arange(1, 13), 30, 8)
+    assert len(out) == 30 and all(0 <= t < 97 for t in out)
+    assert seen and max(seen) <= 8
+
+
+def test_sampled_generation_is_seeded_and_leaves_the_global_rng_alone() -> None:
+    import torch
+
+    from batchsize_study.evaluate import generate
+
+    model = _tiny_lm("llama")
+    prompt = np.arange(5)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = generate(model, prompt, 12, 16, temperature=1.0, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert generate(model, prompt, 12, 16, temperature=1.0, seed=7) == a
+    others = {tuple(generate(model, prompt, 12, 16, temperature=1.0, seed=s)) for s in range(4)}
+    assert len(others) > 1  # the seed is what picks the sample
+
+
+def test_generation_logs_no_pad_or_eos_warning() -> None:
+    import logging
+    import warnings
+
+    from batchsize_study.evaluate import generate
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(logging.WARNING)
+    hf_log = logging.getLogger("transformers")
+    hf_log.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for arch in ("llama", "gpt2"):
+                model = _tiny_lm(arch)
+                generate(model, np.arange(4), 6, 16)
+                generate(model, np.arange(4), 6, 16, temperature=0.8)
+    finally:
+        hf_log.removeHandler(handler)
+    assert not records, [r.getMessage() for r in records]
+

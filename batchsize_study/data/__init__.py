@@ -13,8 +13,9 @@ prepare.py) -> windows of ``seq_len + 1`` tokens.
   published with one atomic rename), its content hash;
 - :mod:`.windows`: windows, the seeded order and the Lightning data module.
 
-Names are resolved lazily (PEP 562): an encode worker that imports this package does not pay for
-torch and Lightning.
+The light submodules are imported here (a spawned encode worker, which imports this package,
+pays about 0.2 s for them: the config schema and the file lock); only :mod:`.windows` (torch and
+Lightning, seconds) is resolved on first use (PEP 562), so those workers never load torch.
 """
 
 from __future__ import annotations
@@ -22,25 +23,32 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-_HOME = {
-    "Document": "sources",
-    "iter_documents": "sources",
-    "source_fingerprint": "sources",
-    "stdlib_root": "sources",
-    "cut_blocks": "sources",
-    "MAX_RUN": "encode",
-    "split_long_runs": "encode",
-    "train_bpe": "encode",
-    "load_pretrained_tokenizer": "encode",
-    "PreparedCorpus": "prepare",
-    "prepare_corpus": "prepare",
-    "split_of": "prepare",
-    "split_documents": "prepare",
-    "cache_dir": "prepare",
-    "TokenWindows": "windows",
-    "SeededWindowSampler": "windows",
-    "TokenDataModule": "windows",
-}
+from batchsize_study.data.encode import (
+    MAX_RUN,
+    load_pretrained_tokenizer,
+    split_long_runs,
+    train_bpe,
+)
+from batchsize_study.data.prepare import (
+    PreparedCorpus,
+    cache_dir,
+    prepare_corpus,
+    split_documents,
+    split_of,
+)
+from batchsize_study.data.sources import (
+    Document,
+    cut_blocks,
+    iter_documents,
+    source_fingerprint,
+    stdlib_root,
+)
+
+if TYPE_CHECKING:
+    from batchsize_study.data.windows import SeededWindowSampler, TokenDataModule, TokenWindows
+
+# Lazy, deliberately: windows imports torch and Lightning, which the encode workers never need.
+_LAZY = ("SeededWindowSampler", "TokenDataModule", "TokenWindows")
 
 __all__ = [
     "Document",
@@ -62,31 +70,8 @@ __all__ = [
     "train_bpe",
 ]
 
-if TYPE_CHECKING:
-    from batchsize_study.data.encode import (
-        MAX_RUN,
-        load_pretrained_tokenizer,
-        split_long_runs,
-        train_bpe,
-    )
-    from batchsize_study.data.prepare import (
-        PreparedCorpus,
-        cache_dir,
-        prepare_corpus,
-        split_documents,
-        split_of,
-    )
-    from batchsize_study.data.sources import (
-        Document,
-        cut_blocks,
-        iter_documents,
-        source_fingerprint,
-        stdlib_root,
-    )
-    from batchsize_study.data.windows import SeededWindowSampler, TokenDataModule, TokenWindows
-
 
 def __getattr__(name: str) -> Any:
-    if name not in _HOME:
+    if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    return getattr(importlib.import_module(f"{__name__}.windows"), name)
