@@ -63,7 +63,6 @@ from batchsize_study.wandb_utils import finish_wandb, make_wandb_logger, summari
 log = logging.getLogger("batchsize_study")
 
 
-
 def train(c: Config, extra_record: dict[str, Any] | None = None) -> dict[str, Any]:
     """One training run; ``extra_record`` joins the record's derivation (e.g. a probe's multiple)."""
     t0 = time.time()

@@ -68,9 +68,7 @@ def main() -> None:
     for combo in itertools.combinations(xs, a.repeats):
         x = statistics.median(xs[s] for s in combo)
         subsets[",".join(map(str, combo))] = r = _row(x, sweep)
-        print(
-            f"{combo} | {x:.5f} | {r['x_over_cliff']:.2f} | {r['y_loss_minus_best']:+.3f}"
-        )
+        print(f"{combo} | {x:.5f} | {r['x_over_cliff']:.2f} | {r['y_loss_minus_best']:+.3f}")
     med = [r["x_over_cliff"] for r in subsets.values()]
     gaps = [r["y_loss_minus_best"] for r in subsets.values()]
     print(

@@ -407,4 +407,3 @@ def test_generation_logs_no_pad_or_eos_warning() -> None:
     finally:
         hf_log.removeHandler(handler)
     assert not records, [r.getMessage() for r in records]
-

@@ -205,14 +205,11 @@ def section_schedules(study: Study, ctx: ReportContext) -> Section:
     marks = study.selection.marks()
     n = marks.get("x_runs")
     if n:
-        md += (
-            f"\n\nx rests on {n} superconvergence run{'s' if n > 1 else ''}"
-            + (
-                " (their median; `x_from=median`)."
-                if n > 1
-                else ": one seed's x scatters by about a factor of 2 (docs/lr_sweep.md); "
-                "`-m experiment=superconvergence seed=0,1,2` then `x_from=median` rests it on three."
-            )
+        md += f"\n\nx rests on {n} superconvergence run{'s' if n > 1 else ''}" + (
+            " (their median; `x_from=median`)."
+            if n > 1
+            else ": one seed's x scatters by about a factor of 2 (docs/lr_sweep.md); "
+            "`-m experiment=superconvergence seed=0,1,2` then `x_from=median` rests it on three."
         )
     return Section("schedules", "Learning rates", md, marks, files)
 

@@ -186,9 +186,7 @@ def derive_lr(c: Config, sdir: str, key: str) -> LRChoice:
     if stage.name == SMALL_BATCH:
         if c.lr is not None:
             return LRChoice(c.lr, "given: lr on the command line/config", extra)
-        up = find_unstable_lr(
-            sdir, c.seed, key, c.batch_size, c.upstream_wait_seconds, c.x_from
-        )
+        up = find_unstable_lr(sdir, c.seed, key, c.batch_size, c.upstream_wait_seconds, c.x_from)
         y = small_batch_lr(up.value, c.lr_factor)
         extra.update(
             unstable_lr=up.value,
