@@ -56,3 +56,23 @@ def smoke_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rec = run(make_cfg(sdir, f"experiment={exp}", "precision=32-true"))
         assert rec["status"] in ("completed", "diverged"), rec.get("message")
     return sdir
+
+
+def make_record(exp: str, bs: int, seed: int, t: float, key: str = "k1", **kw) -> dict:
+    """A record as read_records returns it (with ``_path``), for the selection's pure tests."""
+    r = {
+        "experiment": exp,
+        "status": "completed",
+        "batch_size": bs,
+        "seed": seed,
+        "compat_key": key,
+        "finished_at": t,
+        "max_steps": 40,
+        "lr": 0.01,
+        "run_id": f"{exp}-bs{bs}-seed{seed}-{t:g}",
+        "_path": f"/s/runs/{exp}-bs{bs}-seed{seed}-{t:g}/result.json",
+    }
+    if exp == "large_batch":
+        r["derivation"] = {"small_batch_size": 16}
+    r.update(kw)
+    return r

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_cfg
+from conftest import make_cfg, make_record
 
 from batchsize_study.config import CompareConfig, EvaluateConfig
 from batchsize_study.errors import ConfigError, UpstreamError
@@ -32,21 +33,8 @@ from batchsize_study.study import select
 KEY = "k1"
 
 
-def rec(exp: str, bs: int, seed: int, t: float, **kw) -> dict:
-    r = {
-        "experiment": exp,
-        "status": "completed",
-        "batch_size": bs,
-        "seed": seed,
-        "compat_key": KEY,
-        "finished_at": t,
-        "run_id": f"{exp}-bs{bs}-seed{seed}-{t:g}",
-        "_path": f"/s/runs/{exp}-bs{bs}-seed{seed}-{t:g}/result.json",
-    }
-    if exp == "large_batch":
-        r["derivation"] = {"small_batch_size": 16}
-    r.update(kw)
-    return r
+def rec(exp: str, bs: int, seed: int, t: float, **kw: Any) -> dict[str, Any]:
+    return make_record(exp, bs, seed, t, KEY, **kw)
 
 
 # ---------------------------------------------------------------- pairing (pure)

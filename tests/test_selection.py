@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, make_cfg
+from conftest import REPO, make_cfg, make_record
 
 from batchsize_study.study import ENVELOPE, STAGES, read_records, select_records, write_record
 
@@ -18,22 +18,7 @@ KEY = "k"
 
 
 def rec(exp: str, bs: int, seed: int, t: float, **kw: Any) -> dict[str, Any]:
-    r = {
-        "experiment": exp,
-        "status": "completed",
-        "batch_size": bs,
-        "seed": seed,
-        "compat_key": KEY,
-        "finished_at": t,
-        "max_steps": 40,
-        "lr": 0.01,
-        "run_id": f"{exp}-bs{bs}-seed{seed}-{t:g}",
-        "_path": f"/s/runs/{exp}-bs{bs}-seed{seed}-{t:g}/result.json",
-    }
-    if exp == "large_batch":
-        r["derivation"] = {"small_batch_size": 16}
-    r.update(kw)
-    return r
+    return make_record(exp, bs, seed, t, KEY, **kw)
 
 
 # ---------------------------------------------------------------- the rules (pure)

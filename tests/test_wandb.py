@@ -10,7 +10,6 @@ import csv
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import time
@@ -23,36 +22,17 @@ from cli_utils import REPO, SHORT_RUN, cli, cli_cmd, run_dirs, train_losses
 from conftest import make_cfg
 
 from batchsize_study.experiments import run
+from batchsize_study.wandb_utils import _wandb_records
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
-BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of framed records
-
 
 def wandb_records(path: Path) -> Iterator[bytes]:
-    """The protobuf records of an offline run's .wandb file (header ':W&B', then per record a
-    4-byte CRC, 2-byte length, 1-byte type: 1 full, 2 first, 3 middle, 4 last)."""
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", path
-    pos, buf = 7, b""
-    while pos + 7 <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < 7:  # block trailer: padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if pos + 7 + length > len(data):  # cut short: a killed process's last record
-            return
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 1:
-            yield chunk
-        elif kind == 2:
-            buf = chunk
-        elif kind == 3:
-            buf += chunk
-        elif kind == 4:
-            yield buf + chunk
+    """The protobuf records of an offline run's .wandb file: the package's own reader of the
+    LevelDB-style log (it also backfills a resumed run from it), after the header check."""
+    assert path.read_bytes()[:4] == b":W&B", path
+    yield from _wandb_records(path)
 
 
 def read_offline_run(folder: Path) -> dict[str, Any]:
