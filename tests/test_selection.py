@@ -191,3 +191,15 @@ def test_a_rerun_with_another_alpha_is_compared_and_the_test_set_section_says_so
     assert not ev["of_compared_runs"] and newer["run_id"] in ev["note"]
     report = (sdir / "report" / "report.md").read_text()
     assert "scored other runs than the verdict compares" in report
+
+
+def test_a_run_much_longer_than_x_s_horizon_is_warned() -> None:
+    from batchsize_study.report.sections import horizon_warning
+
+    sc = rec("superconvergence", 16, 0, 1, status="diverged", spike_step=220, unstable_lr=0.004)
+    for steps, warned in ((300, False), (1200, True)):
+        small = rec("small_batch", 16, 0, 2, max_steps=steps, unstable_lr=0.004)
+        marks = select_records([sc, small, rec("large_batch", 64, 0, 3)], "/s").marks()
+        assert marks["x_read_at_step"] == 220 and marks["planned_steps"] == steps
+        text = horizon_warning(marks)
+        assert bool(text) is warned and (not warned or "max_steps=1200" in text)

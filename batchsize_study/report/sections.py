@@ -211,7 +211,28 @@ def section_schedules(study: Study, ctx: ReportContext) -> Section:
             else ": one seed's x scatters by about a factor of 2 (docs/lr_sweep.md); "
             "`-m experiment=superconvergence seed=0,1,2` then `x_from=median` rests it on three."
         )
+    warning = horizon_warning(marks)
+    if warning:
+        md = f"**Warning: {warning}**\n\n" + md
     return Section("schedules", "Learning rates", md, marks, files)
+
+
+HORIZON_RATIO = 2.0
+"""A planned run this many times longer than the onset step x was read at gets a warning."""
+
+
+def horizon_warning(marks: dict[str, Any]) -> str | None:
+    """A sentence when the compared runs train much longer than the horizon x was read at."""
+    read, planned = marks.get("x_read_at_step"), marks.get("planned_steps")
+    if not read or not planned or planned < HORIZON_RATIO * read:
+        return None
+    return (
+        f"the compared runs train {planned} steps, {planned / read:.1f}x the step at which x was "
+        f"read ({read}, in the superconvergence warmup). A longer run can break at a lower LR than "
+        "a short one (instability accumulates with steps at a high LR; docs/lr_sweep.md has the "
+        f"measurement at 4x the default length). Check y with a short LR sweep at the planned "
+        f"length around it (`experiment=lr_sweep max_steps={planned}`), or lower `lr_factor`"
+    )
 
 
 def section_diagnostics(study: Study, ctx: ReportContext) -> Section:

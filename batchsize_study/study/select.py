@@ -111,9 +111,16 @@ class Selection:
         if not any(v is not None for v in xs):
             xs = [r.get("unstable_lr") for r in self.superconvergence]
         runs = [(r.get("derivation") or {}).get("x_runs") for r in smalls]
+        read_at = [r.get("spike_step") for r in self.superconvergence if r.get("spike_step")]
         return {
             "x_unstable_lr": _mean(xs),
             "x_runs": max((n for n in runs if n), default=None),
+            # the horizon x was read at (the onset step of the superconvergence runs) and the one
+            # the compared runs train for: a much longer run may break below x
+            "x_read_at_step": max(read_at, default=None),
+            "planned_steps": max(
+                (int(r["max_steps"]) for r in smalls if r.get("max_steps")), default=None
+            ),
             "y_small_lr": _mean([r.get("lr") for r in self.small.values()]),
             "z_large_lr": {
                 b: _mean([r.get("lr") for r in g.values()]) for b, g in self.large.items()
