@@ -228,10 +228,10 @@ def horizon_warning(marks: dict[str, Any]) -> str | None:
         return None
     return (
         f"the compared runs train {planned} steps, {planned / read:.1f}x the step at which x was "
-        f"read ({read}, in the superconvergence warmup). A longer run can break at a lower LR than "
-        "a short one (instability accumulates with steps at a high LR; docs/lr_sweep.md has the "
-        f"measurement at 4x the default length). Check y with a short LR sweep at the planned "
-        f"length around it (`experiment=lr_sweep max_steps={planned}`), or lower `lr_factor`"
+        f"read ({read}, in the superconvergence warmup). A longer run may break at a lower LR than "
+        "the ramp shows; on the default study a 4x longer run kept its best LR and cliff on the "
+        "same grid points (docs/lr_sweep.md), other models and data are not measured. Check y "
+        f"with a short LR sweep at the planned length (`experiment=lr_sweep max_steps={planned}`)"
     )
 
 
