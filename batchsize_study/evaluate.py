@@ -58,6 +58,7 @@ from batchsize_study.study import (
     COMPARED,
     RECORD,
     Pair,
+    models_of,
     read_records,
     run_name,
     runs_dir,
@@ -112,16 +113,6 @@ def select_pairs(
         f"{sel.small_batch}, seeds {small_seeds}) and large_batch run (seeds {large_seeds}); run "
         f"large_batch with seed={small_seeds[0]} (or small_batch with the large run's seed) first"
     )
-
-
-def models_of(pairs: list[Pair]) -> list[dict[str, Any]]:
-    """Each record once (a small run pairs with every large batch size), small runs first."""
-    seen: dict[str, dict[str, Any]] = {}
-    for p in sorted(pairs, key=lambda p: p.seed):
-        seen.setdefault(run_name(p.small), p.small)
-    for p in pairs:
-        seen.setdefault(run_name(p.large), p.large)
-    return list(seen.values())
 
 
 def checkpoint_path(rec: dict[str, Any]) -> Path:

@@ -420,18 +420,9 @@ def _start(
     """wandb.init as training's logger does it: an online start that fails within
     ``wandb_init_timeout`` falls back to offline; None (a warning) if wandb cannot start."""
     kwargs = dict(
-        project=cfg.wandb_project,
-        entity=cfg.wandb_entity,
-        group=group,
-        job_type=job_type,
-        name=name,
-        id=wid,
-        resume="allow",
-        dir=study_dir,
-        config=config or {},
-        reinit="finish_previous",
+        **wu.run_identity(cfg, group, job_type, name, wid), dir=study_dir, config=config or {}
     )
-    settings = wandb.Settings(init_timeout=cfg.wandb_init_timeout, console="off", silent=True)
+    settings = wu.init_settings(wandb, cfg)
     try:
         return wandb.init(mode=mode, settings=settings, **kwargs)
     except Exception as exc:  # wandb raises its own error types on a failed init

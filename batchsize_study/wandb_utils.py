@@ -78,6 +78,28 @@ _TRAIN_KEYS = (  # metrics.csv column -> the key live logging uses (recorder.Ste
 _VAL_KEYS = (("val_loss", "val/loss"), ("val_ppl", "val/ppl"), ("val_loss_se", "val/loss_se"))
 
 
+def run_identity(
+    cfg: LoggerConfig, group: str, job_type: str, name: str, wid: str
+) -> dict[str, Any]:
+    """The wandb.init arguments every run of the package shares (training and results): where
+    it goes, which run it is, and that the same id continues it."""
+    return dict(
+        project=cfg.wandb_project,
+        entity=cfg.wandb_entity,
+        group=group,
+        job_type=job_type,
+        name=name,
+        id=wid,
+        resume="allow",
+        reinit="finish_previous",
+    )
+
+
+def init_settings(wandb: Any, cfg: LoggerConfig) -> Any:
+    """wandb.Settings of every run: a bounded online start, no console capture, silent."""
+    return wandb.Settings(init_timeout=cfg.wandb_init_timeout, console="off", silent=True)
+
+
 def make_wandb_logger(
     cfg: LoggerConfig,
     study_dir: str,
@@ -115,18 +137,11 @@ def make_wandb_logger(
     os.makedirs(wandb_dir, exist_ok=True)
     wid = choose_wandb_run_id(study_dir, run_id, run_dir, wandb_dir, force)
     _avoid_folder_clash(wandb_dir, wid)
-    settings = wandb.Settings(init_timeout=cfg.wandb_init_timeout, console="off", silent=True)
+    settings = init_settings(wandb, cfg)
     common = dict(
-        project=cfg.wandb_project,
-        entity=cfg.wandb_entity,
-        group=group,
-        job_type=job_type,
-        name=run_id,
-        id=wid,
-        resume="allow",
+        **run_identity(cfg, group, job_type, run_id, wid),
         save_dir=save_dir,
         config=config,
-        reinit="finish_previous",
         tokens_per_step=tokens_per_step,
         id_file=Path(run_dir) / WANDB_ID_FILE if run_dir is not None else None,
     )

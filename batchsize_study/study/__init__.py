@@ -35,7 +35,14 @@ from batchsize_study.study.records import (
     write_json_atomic,
     write_record,
 )
-from batchsize_study.study.select import Pair, Selection, select, select_records, upstream_ids
+from batchsize_study.study.select import (
+    Pair,
+    Selection,
+    models_of,
+    select,
+    select_records,
+    upstream_ids,
+)
 from batchsize_study.study.stages import COMPARED, STAGES, Stage
 
 __all__ = [
@@ -60,6 +67,7 @@ __all__ = [
     "find_unstable_lr",
     "large_batch_lr",
     "make_run_id",
+    "models_of",
     "precheck_upstream",
     "read_records",
     "run_name",

@@ -93,12 +93,7 @@ class Selection:
     @property
     def compared(self) -> list[Record]:
         """Every record the verdict compares (each once), small runs first."""
-        seen: dict[str, Record] = {}
-        for p in sorted(self.pairs, key=lambda p: p.seed):
-            seen.setdefault(run_name(p.small), p.small)
-        for p in self.pairs:
-            seen.setdefault(run_name(p.large), p.large)
-        return list(seen.values())
+        return models_of(self.pairs)
 
     @property
     def compared_ids(self) -> set[str]:
@@ -126,6 +121,17 @@ class Selection:
                 b: _mean([r.get("lr") for r in g.values()]) for b, g in self.large.items()
             },
         }
+
+
+def models_of(pairs: list[Pair]) -> list[Record]:
+    """Each record of the pairs once (a small run pairs with every large batch size), small
+    runs first: what evaluate scores and what the verdict compares."""
+    seen: dict[str, Record] = {}
+    for p in sorted(pairs, key=lambda p: p.seed):
+        seen.setdefault(run_name(p.small), p.small)
+    for p in pairs:
+        seen.setdefault(run_name(p.large), p.large)
+    return list(seen.values())
 
 
 def _mean(vals: list[Any]) -> float | None:
