@@ -840,13 +840,6 @@ def validate(cfg: DictConfig | Config) -> Config:
             c.micro_batch_size,
             f"must not exceed batch_size={c.batch_size}; lower micro_batch_size",
         )
-    elif c.task == "stability_probe":
-        _check(
-            not c.probe.lr_find,
-            "micro_batch_size",
-            c.micro_batch_size,
-            "the probe's Lightning lr_find takes a number; give one, or probe.lr_find=false",
-        )
     _check(c.max_steps >= 1, "max_steps", c.max_steps, "use a positive number of optimizer steps")
     _check(
         0 <= c.warmup_steps <= c.max_steps,

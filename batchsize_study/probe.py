@@ -179,11 +179,15 @@ def run_lr_find(
 
     from batchsize_study.batch import plan_batch
     from batchsize_study.data import TokenDataModule
+    from batchsize_study.microbatch import resolve_micro_batch
     from batchsize_study.model import CausalLMModule, ModuleSettings
     from batchsize_study.runtime import resolve_precision, resolve_world_size
 
     world = resolve_world_size(c.trainer)
+    precision = resolve_precision(c.precision, c.trainer.get("accelerator"))
     plan = plan_batch(c.batch_size, c.micro_batch_size, world, c.model.seq_len, c.max_steps)
+    # micro_batch_size=auto: the number the training runs resolve it to (Lightning takes a number).
+    c, plan = resolve_micro_batch(c, plan, corpus.vocab_size, precision, {})
     pl.seed_everything(c.seed, workers=True, verbose=False)
     module = CausalLMModule(
         ModuleSettings(
@@ -199,7 +203,7 @@ def run_lr_find(
     root = Path(sdir) / "runs" / f"stability_probe-lr_find-bs{c.batch_size}-seed{c.seed}"
     root.mkdir(parents=True, exist_ok=True)
     trainer_kwargs: dict[str, Any] = {
-        "precision": resolve_precision(c.precision, c.trainer.get("accelerator")),
+        "precision": precision,
         "accumulate_grad_batches": plan.accumulate_grad_batches,
         "logger": False,
         "enable_checkpointing": False,

@@ -43,6 +43,24 @@ def compose(*overrides: str) -> Config:
     return validate(cfg)
 
 
+def resolved_micro_batch(c: Config, device: torch.device | None = None) -> Config:
+    """``c`` with ``micro_batch_size=auto`` (the GPU presets) replaced by the number the package's
+    own run resolves it to on this device (batchsize_study/microbatch.py), so a bare loop trains
+    the same split; a number passes unchanged."""
+    from batchsize_study.batch import plan_batch
+    from batchsize_study.data import prepare_corpus
+    from batchsize_study.microbatch import resolve_micro_batch
+    from batchsize_study.runtime import resolve_precision
+
+    if c.micro_batch_size != "auto":
+        return c
+    dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vocab = prepare_corpus(c.data, c.model.seq_len).vocab_size
+    precision = resolve_precision(c.precision, "gpu" if dev.type == "cuda" else "cpu")
+    plan = plan_batch(c.batch_size, c.micro_batch_size, 1, c.model.seq_len, c.max_steps)
+    return resolve_micro_batch(c, plan, vocab, precision, {})[0]
+
+
 def quiet_environment() -> None:
     """Offline wandb, no hub access: benchmarks never touch the network."""
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -109,6 +127,8 @@ def bare_stepper(
     steps = c.max_steps
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     corpus = prepare_corpus(c.data, c.model.seq_len)
+    precision = resolve_precision(c.precision, "gpu" if dev.type == "cuda" else "cpu")
+    c = resolved_micro_batch(c, dev)
     plan = plan_batch(c.batch_size, c.micro_batch_size, 1, c.model.seq_len, steps)
     torch.manual_seed(c.seed)
     model = build_model(c.model, corpus.vocab_size).to(dev)
@@ -131,7 +151,6 @@ def bare_stepper(
         decay=s.decay,
         min_lr_ratio=s.min_lr_ratio,
     )
-    precision = resolve_precision(c.precision, "gpu" if dev.type == "cuda" else "cpu")
     # The package's allocator setting too: the comparison is of the loops, not of malloc.
     tune_host_allocator(c.host_allocator, "gpu" if dev.type == "cuda" else "cpu")
     ds = TokenWindows(corpus.train_path, corpus.dtype, c.model.seq_len)

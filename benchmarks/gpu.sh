@@ -25,13 +25,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package
 has_gpu=$(python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 if [[ "${TINY:-0}" == "1" || "$has_gpu" != "1" ]]; then
   echo "no GPU (or TINY=1): tiny CPU run of every part" | tee "$OUT/device.txt"
-  MODEL=(debug=smoke)
+  MODEL=(debug=smoke micro_batch_size=auto)  # the GPU preset's auto micro batch, on CPU
   STEPS=(--steps 6 --warmup 2 --large-steps 3 --large-warmup 1)
   STUDY=(trainer.accelerator=cpu)
   BUDGET="${BUDGET:-900}"
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-  # 124M parameters, seq 1024, micro batch 16 (small_batch 16 x 1; large_batch 16 x 4).
+  # 124M parameters, seq 1024; the preset's micro_batch_size=auto finds the largest micro batch
+  # that fits the card (each record says which, and the accumulation it implies).
   MODEL=(model=gpt2_124m)  # the preset carries its 50257-token vocabulary
   STEPS=(--steps 40 --warmup 10 --large-steps 16 --large-warmup 4)
   STUDY=(trainer.accelerator=gpu trainer.devices=1)

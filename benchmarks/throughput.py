@@ -169,8 +169,9 @@ def worker(
         seg.last = c.max_steps
         t0 = time.perf_counter()
         if side == "bare":
-            from _common import bare_stepper
+            from _common import bare_stepper, resolved_micro_batch
 
+            c = resolved_micro_batch(c)  # auto: the number the package side resolves it to
             # The device is synchronised only where the clock is read (the package's recorder
             # syncs once per logger.log_every_steps and always at the last step).
             sync = {s for s in range(1, c.max_steps + 1) if seg.boundary(s)}
@@ -180,7 +181,7 @@ def worker(
             for step, _ in enumerate(stepper, start=1):
                 seg.mark(step)
             tokens_per_step = c.batch_size * c.model.seq_len
-            extra = {}
+            extra = {"micro_batch_size": c.micro_batch_size}
         else:
             from batchsize_study.experiments import run
             from batchsize_study.recorder import StepRecorder
@@ -206,7 +207,14 @@ def worker(
             tokens_per_step = record["tokens_per_step"]
             extra = {
                 k: record.get(k)
-                for k in ("status", "precision", "flops_per_token", "peak_flops", "mfu")
+                for k in (
+                    "status",
+                    "precision",
+                    "micro_batch_size",
+                    "flops_per_token",
+                    "peak_flops",
+                    "mfu",
+                )
             }
             extra["noise_steps"] = ((record.get("noise") or {}).get("run_mean") or {}).get("steps")
         wall = time.perf_counter() - t0
@@ -457,7 +465,9 @@ def main() -> None:
             f"steps; a default run: {(steps - warmup) / VAL_EVERY:.1f} and "
             f"{(steps - warmup) / CKPT_EVERY:.1f}); noise: "
             + (
-                f"hooks on every step's {c.batch_size // c.micro_batch_size} micro-batches"
+                "as the micro batch auto resolves to on each side (printed by each run)"
+                if c.micro_batch_size == "auto"
+                else f"hooks on every step's {c.batch_size // c.micro_batch_size} micro-batches"
                 if c.batch_size > c.micro_batch_size
                 else f"split {c.noise.split} every {c.noise.split_every} steps"
             ),

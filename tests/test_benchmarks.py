@@ -137,3 +137,30 @@ def test_bare_loop_with_noise_does_the_measurements_arithmetic(monkeypatch, tmp_
     measured = 2  # global steps 0 and 4
     assert len(forwards) == 8 + measured * (c.noise.split - 1)
     assert len(hook_norms) == measured * c.noise.split * params
+
+
+def test_bare_loop_resolves_auto_as_the_package_does(tmp_path, monkeypatch):
+    """A preset's ``micro_batch_size=auto`` reaches the bare loop as the number the package's own
+    resolution gives (here a simulated device that fits 6 of 16 sequences: 4, accumulation 4),
+    so the two sides of throughput.py train the same split."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import _common
+
+    from batchsize_study import microbatch
+
+    c = _common.compose(
+        "debug=smoke", "experiment=small_batch", "micro_batch_size=auto", f"study.dir={tmp_path}"
+    )
+    assert _common.resolved_micro_batch(c).micro_batch_size == 16  # a CPU: the whole batch
+
+    def limited(cfg, vocab_size, precision):  # noqa: ANN001, ANN202
+        def trial(micro: int) -> None:
+            if micro > 6:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        return trial
+
+    monkeypatch.setattr(microbatch, "device_trial", limited)
+    assert _common.resolved_micro_batch(c).micro_batch_size == 4
+    numeric = _common.compose("debug=smoke", "micro_batch_size=8", f"study.dir={tmp_path}")
+    assert _common.resolved_micro_batch(numeric) is numeric

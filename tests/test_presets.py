@@ -31,6 +31,10 @@ SMALL = ("experiment=small_batch", "lr=0.003", "precision=32-true")
 def test_each_preset_brings_its_vocabulary(tmp_path, preset, vocab):
     c = validate(make_cfg(tmp_path, f"model={preset}", smoke=False))
     assert c.data.tokenizer.vocab_size == vocab
+    # the home-GPU presets find their micro batch; the CPU default keeps its 16 (golden snapshot)
+    assert c.micro_batch_size == (16 if preset == "tiny" else "auto")
+    hand = validate(make_cfg(tmp_path, f"model={preset}", "micro_batch_size=8", smoke=False))
+    assert hand.micro_batch_size == 8
 
 
 def test_the_default_keeps_its_vocabulary_and_a_preset_stays_overridable(tmp_path):
@@ -95,8 +99,9 @@ def test_auto_is_validated_and_planned(tmp_path):
         validate(make_cfg(tmp_path, "micro_batch_size=abc"))
     with pytest.raises(ConfigError, match=r"^batch_size=9: must be a multiple of 2 device"):
         plan_batch(9, "auto", 2, 32, 10)
-    with pytest.raises(ConfigError, match=r"^micro_batch_size='auto': the probe's Lightning"):
-        validate(make_cfg(tmp_path, "micro_batch_size=auto", "experiment=stability_probe"))
+    # the probe's lr_find takes the number the training runs resolve auto to
+    probe = validate(make_cfg(tmp_path, "micro_batch_size=auto", "experiment=stability_probe"))
+    assert probe.micro_batch_size == "auto" and probe.probe.lr_find
 
 
 def test_real_trial_step_runs_on_cpu(tmp_path):

@@ -82,6 +82,8 @@ def test_smoke_stability_probe_end_to_end(cfg_factory, tmp_path: Path):
             "probe.multiples=[0.5,1,2]",
             "probe.final_window=4",
             "probe.lr_find_num_training=15",
+            # a preset's auto micro batch: the runs and lr_find take the resolved number
+            "micro_batch_size=auto",
         )
     )
     assert summary["experiment"] == SUMMARY and summary["unstable_lr"] == sc["unstable_lr"]
@@ -90,6 +92,7 @@ def test_smoke_stability_probe_end_to_end(cfg_factory, tmp_path: Path):
     for r in runs:
         assert r["lr"] == pytest.approx(r["probe_multiple"] * sc["unstable_lr"])
         assert r["steps_done"] == 12 or r["status"] == "diverged"
+        assert r["derivation"]["micro_batch_size_setting"] == "auto"
     assert summary["lr_find"] is not None and len(summary["lr_find"]["lrs"]) == 15
     on_disk = json.loads(Path(summary["_path"]).read_text())
     assert on_disk["first_bad_multiple"] == summary["first_bad_multiple"]
