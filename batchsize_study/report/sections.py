@@ -1,8 +1,7 @@
 """The report's sections: a plain ordered list (:data:`SECTIONS`) of functions
 ``(study, ctx) -> Section | None``. Each returns markdown for report.md, a JSON object stored
 under its key in comparison.json, and the PNG files it wrote. To add a section, write one such
-function and put it in the list (or pass your own list to ``build_report(sections=...)``); a
-section built elsewhere as ``(markdown, data, png paths)`` is adapted with :func:`external`.
+function and put it in the list (or pass your own list to ``build_report(sections=...)``).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from batchsize_study.report.compare import (
 )
 from batchsize_study.report.context import ReportContext, Section, SectionFn
 from batchsize_study.report.evaluation import evaluate_section
+from batchsize_study.report.evidence import rule_evidence
 from batchsize_study.report.load import Study, load_ladder
 from batchsize_study.stats import fmt
 from batchsize_study.study import Selection, beside, run_name
@@ -214,7 +214,16 @@ def section_schedules(study: Study, ctx: ReportContext) -> Section:
     warning = horizon_warning(marks)
     if warning:
         md = f"**Warning: {warning}**\n\n" + md
-    return Section("schedules", "Learning rates", md, marks, files)
+    sel = study.selection
+    smalls = list(sel.small.values())
+    evidence = rule_evidence(
+        max((r.get("flops_per_token") or 0 for r in smalls), default=0) or None,
+        marks.get("planned_steps"),
+        bool(sel.sweeps.get(sel.small_batch or 0)),
+    )
+    md += ("\n\n**" if evidence["outside"] else "\n\n") + evidence["note"]
+    md += "**" if evidence["outside"] else ""
+    return Section("schedules", "Learning rates", md, {**marks, "rule_evidence": evidence}, files)
 
 
 HORIZON_RATIO = 2.0
