@@ -170,6 +170,10 @@ def test_smoke_lr_sweep_end_to_end_and_its_report(cfg_factory, tmp_path: Path):
     loaded, ctx = load_study(study), ReportContext(out, CompareConfig(dpi=60))
     sec = sensitivity_section(loaded, ctx)
     assert "best LR" in sec.markdown and set(sec.data["batches"]) == {"16", "64"}
+    # the factor this model measures, offered as the setting that trains at the best
+    k = sec.data["batches"]["16"]["best_lr"] / x
+    assert sec.data["checks"]["lr_factor_measured"] == pytest.approx(k)
+    assert f"lr_factor={k:.3g}`" in sec.markdown
     tuned = tuned_section(loaded, ctx)
     assert "own best LR" in tuned.markdown and tuned.data["seed_rule"] and tuned.data["tuned"]
     assert tuned.data["sentence"] in tuned.markdown

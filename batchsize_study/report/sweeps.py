@@ -174,6 +174,17 @@ def sensitivity_section(study: Study, ctx: ReportContext) -> Section:
             f"batch {bs}'s best swept LR ({relation(lr, s['best_lr'])} it): "
             f"{'within' if gap <= TUNED_TOLERANCE else 'NOT within'} {TUNED_TOLERANCE} nats."
         )
+    if x and small.get("best_lr") and "y" in marks:
+        # The rule's factor as this model and run length measure it (the best LR drifts below
+        # x/2 as the model grows: docs/lr_sweep.md), offered as the setting that uses it.
+        k = small["best_lr"] / x
+        checks["lr_factor_measured"] = k
+        lines.append(
+            f"Here the small batch's best swept LR is {k:.3g}·x (y used {marks['y'] / x:.3g}·x). "
+            f"To train at it: `-m experiment=small_batch,large_batch lr_factor={k:.3g}` with the "
+            "study's other settings (new runs; z follows from the new y, and compare takes the "
+            "newest)."
+        )
     if x:
         marks = {"x": x, **marks}
     fig, ax = new_figure()
