@@ -26,6 +26,7 @@ def _check(ok: bool, key: str, value: Any, fix: str) -> None:
 
 HOST_ALLOCATORS = ("auto", "system")
 X_FROM = ("seed", "median")
+Y_FROM = ("rule", "probe")
 
 TASKS = (
     "superconvergence",
@@ -534,8 +535,9 @@ class LoggerConfig:
 class ProbeConfig:
     """``probe.*``: short constant-LR runs at multiples of x (experiment=stability_probe)."""
 
-    multiples: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
-    """Multiples of x probed, each one short run."""
+    multiples: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0, 4.0])
+    """Multiples of x probed, each one short run. 1/8 reaches below the 0.25x a 4x larger model's
+    optimum sat at (docs/lr_sweep.md), so ``y_from=probe`` finds it inside the grid."""
     steps: int = 100
     """Optimizer steps per probe."""
     warmup: int = 10
@@ -715,6 +717,12 @@ class Config:
     of the study's); median: the median over every superconvergence run of this configuration
     and batch size (run them with ``-m experiment=superconvergence seed=0,1,2``): one seed's x
     scatters by a factor of ~2 (docs/lr_sweep.md), the median of several by less."""
+    y_from: str = "rule"
+    """Where the small batch's y comes from. rule: y = lr_factor * x (the seed's procedure).
+    probe: the stability probe's short-horizon optimum (the probe multiple of x with the lowest
+    final loss; run ``experiment=stability_probe`` first). The best LR falls below x/2 as the model
+    grows while x does not; the probe's optimum tracked the 300-step sweeps' best at both model
+    sizes checked (0.5x and 0.25x, against 0.44x and 0.22x: docs/lr_sweep.md)."""
     lr_scaling: LRScalingConfig = field(default_factory=LRScalingConfig)
     allow_step_mismatch: bool = False
     """large_batch: allow max_steps/warmup_steps to differ from the small run's (recorded)."""
@@ -855,6 +863,7 @@ def validate(cfg: DictConfig | Config) -> Config:
         )
     _check(c.lr_factor > 0, "lr_factor", c.lr_factor, "use a positive fraction such as 0.5")
     _check(c.x_from in X_FROM, "x_from", c.x_from, "use " + " or ".join(X_FROM))
+    _check(c.y_from in Y_FROM, "y_from", c.y_from, "use " + " or ".join(Y_FROM))
     _check(c.val_every_steps >= 1, "val_every_steps", c.val_every_steps, "use a positive number")
     _check(
         c.checkpoint_every_steps >= 1,

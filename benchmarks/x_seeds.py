@@ -92,7 +92,11 @@ def main() -> None:
     ap.add_argument("sweep", help="the small batch's lr_sweep_summary record (JSON) or a study dir")
     ap.add_argument("--batch-size", type=int, default=16, help="whose sweep, for a study dir")
     ap.add_argument(
-        "--also", action="append", default=[], help="more points of the small batch's sweep"
+        "--also",
+        action="extend",
+        nargs="+",
+        default=[],
+        help="more of the small batch's sweep (summaries or study dirs): one grid run in parts",
     )
     ap.add_argument(
         "--large",

@@ -4,7 +4,7 @@ and what to run, and a study with its own sweep is pointed at it."""
 
 from __future__ import annotations
 
-from batchsize_study.report.evidence import CHECKED, OUTSIDE, rule_evidence
+from batchsize_study.report.evidence import CHECKED, OUTSIDE, checked_table, rule_evidence
 
 
 def test_the_default_size_is_inside_and_quotes_the_measured_gaps():
@@ -26,6 +26,13 @@ def test_a_gpt2_sized_study_is_told_the_gap_is_not_measured_and_what_to_run():
     assert not rule_evidence(top * OUTSIDE * 0.99, 300, False)["outside"]
     long = rule_evidence(CHECKED[0].flops_per_token, 20_000, False)
     assert long["outside"] and "20,000 steps" in long["note"]
+
+
+def test_the_note_states_the_drift_and_the_table_lists_every_setting():
+    ev = rule_evidence(CHECKED[0].flops_per_token, 300, own_sweep=False)
+    assert "fell from 0.44·x to 0.22·x as the FLOPs per token grew 4.2x" in ev["note"]
+    table = checked_table().splitlines()
+    assert len(table) == 2 + len(CHECKED) and all(r.count("|") == 9 for r in table)
 
 
 def test_a_study_with_its_own_sweep_is_pointed_at_it():

@@ -100,8 +100,30 @@ def test_smoke_stability_probe_end_to_end(cfg_factory, tmp_path: Path):
     out.mkdir()
     sec = probe_section(select(study), ReportContext(out, CompareConfig()))
     assert sec.title == "Is x real? (stability probe)" and "lr_find" in sec.markdown
+    assert "`experiment=small_batch y_from=probe` trains y" in sec.markdown
     assert sec.data["unstable_lr"] == sc["unstable_lr"]
     assert sec.plots == ["stability_probe.png"] and (out / "stability_probe.png").exists()
+
+    # y_from=probe: the small batch trains at the probe's short-horizon optimum. The optimum is
+    # set here (one mid-grid, one at the grid's lowest multiple) so both branches are exercised.
+    x, path = sc["unstable_lr"], Path(summary["_path"])
+    rec = json.loads(path.read_text())
+    rec.update(short_horizon_best_multiple=1.0, short_horizon_best_lr=x)
+    path.write_text(json.dumps(rec))
+    short = ("experiment=small_batch", "y_from=probe", "max_steps=6", "warmup_steps=2")
+    small = run(cfg_factory(*short))
+    assert small["status"] == "completed" and small["lr"] == pytest.approx(x)
+    d = small["derivation"]
+    assert d["y_from"] == "probe" and d["lr_factor"] == pytest.approx(1.0)
+    assert d["upstream"] == [str(path)] and "short-horizon optimum" in small["lr_source"]
+    rec.update(short_horizon_best_multiple=0.5, short_horizon_best_lr=0.5 * x)
+    path.write_text(json.dumps(rec))
+    from batchsize_study.errors import UserError
+
+    with pytest.raises(
+        UserError, match=r"lowest multiple \(0.5x\).*probe.multiples=\[0.125,0.25,0.5"
+    ):
+        run(cfg_factory(*short, "seed=1"))
 
 
 def test_probe_without_superconvergence_says_what_to_run(cfg_factory):
@@ -109,3 +131,8 @@ def test_probe_without_superconvergence_says_what_to_run(cfg_factory):
 
     with pytest.raises(UserError, match="superconvergence"):
         run(cfg_factory("experiment=stability_probe"))
+    with pytest.raises(UserError, match=r"no stability_probe_summary record; run `python -m "
+                       r"batchsize_study experiment=stability_probe` first"):  # fmt: skip
+        run(cfg_factory("experiment=small_batch", "y_from=probe"))
+    with pytest.raises(ConfigError, match=r"^y_from='guess': use rule or probe"):
+        run(cfg_factory("experiment=small_batch", "y_from=guess"))

@@ -22,7 +22,7 @@ from batchsize_study.report.compare import (
 )
 from batchsize_study.report.context import ReportContext, Section, SectionFn
 from batchsize_study.report.evaluation import evaluate_section
-from batchsize_study.report.evidence import rule_evidence
+from batchsize_study.report.evidence import checked_table, rule_evidence
 from batchsize_study.report.load import Study, load_ladder
 from batchsize_study.stats import fmt
 from batchsize_study.study import Selection, beside, run_name
@@ -221,8 +221,9 @@ def section_schedules(study: Study, ctx: ReportContext) -> Section:
         marks.get("planned_steps"),
         bool(sel.sweeps.get(sel.small_batch or 0)),
     )
-    md += ("\n\n**" if evidence["outside"] else "\n\n") + evidence["note"]
-    md += "**" if evidence["outside"] else ""
+    warn = evidence["outside"] and not evidence["own_sweep"]
+    md += f"\n\n**{evidence['note']}**" if warn else f"\n\n{evidence['note']}"
+    md += "\n\n" + checked_table()
     return Section("schedules", "Learning rates", md, {**marks, "rule_evidence": evidence}, files)
 
 
@@ -447,6 +448,20 @@ def probe_section(sel: Selection, ctx: ReportContext) -> Section:
         "lr_find suggests the LR of the steepest loss descent in a short exponential sweep, "
         "typically well below the stability limit; x and the probe boundary measure the limit."
     )
+    if best:
+        lowest = min(float(p["multiple"]) for p in rec["probes"])
+        lines.append(
+            ""
+            if float(rec["short_horizon_best_multiple"]) > lowest
+            else "The optimum sits at the lowest multiple probed, so it may lie below the grid: "
+            "`y_from=probe` refuses it until the probe runs lower `probe.multiples`. "
+        )
+        lines[-1] += (
+            f"`experiment=small_batch y_from=probe` trains y at the short-horizon optimum "
+            f"({best / x:.3g}·x instead of the rule's lr_factor·x, 0.5·x by default); at both "
+            "model sizes checked it matched the full-length sweeps' best within their factor-2 "
+            "grid (docs/lr_sweep.md)."
+        )
     # each probe's metrics.csv next to its result.json (a moved study still reads)
     probe_runs = {run_name(r): r for r in sel.records if r.get("experiment") == STABILITY_PROBE}
     losses = {}

@@ -14,7 +14,7 @@ from batchsize_study.config import Config
 from batchsize_study.errors import ConfigError, UpstreamError
 from batchsize_study.stats import median
 from batchsize_study.study.records import read_records
-from batchsize_study.study.stages import SMALL_BATCH, STAGES
+from batchsize_study.study.stages import PROBE_SUMMARY, SMALL_BATCH, STABILITY_PROBE, STAGES
 
 log = logging.getLogger("batchsize_study.study")
 
@@ -127,6 +127,40 @@ def find_unstable_lr(
     )
 
 
+def find_probe_optimum(
+    study_dir: str, seed: int, compat_key: str, batch_size: int, wait_seconds: float = 0.0
+) -> Upstream:
+    """y for small_batch with ``y_from=probe``: the short-horizon optimum of the newest stability
+    probe of this model, data and batch size (the same seed's when there is one)."""
+    usable = _candidates(
+        study_dir, PROBE_SUMMARY, "completed", compat_key, seed, wait_seconds, batch_size
+    )
+    if not usable:
+        raise UpstreamError(
+            f"study.dir={study_dir}: y_from=probe needs a stability probe of this model, data and "
+            f"batch_size={batch_size}; run `python -m batchsize_study experiment=stability_probe` "
+            "first (same study.dir), or use y_from=rule"
+        )
+    same = [r for r in usable if r.get("seed") == seed]
+    rec = (same or usable)[-1]
+    best = rec.get("short_horizon_best_multiple")
+    multiples = sorted(float(m) for m in (rec.get("probe") or {}).get("multiples") or [])
+    if best is None or rec.get("short_horizon_best_lr") is None:
+        raise UpstreamError(
+            f"{rec['_path']}: the probe has no finite short-horizon optimum (every probe "
+            "destabilised); run it with lower probe.multiples, or use y_from=rule"
+        )
+    if multiples and float(best) <= multiples[0]:
+        raise UpstreamError(
+            f"{rec['_path']}: the probe's lowest final loss is at its lowest multiple "
+            f"({float(best):g}x), so the optimum may lie below it; run the probe again with lower "
+            f"multiples (e.g. probe.multiples=[{multiples[0] / 4:g},{multiples[0] / 2:g},"
+            f"{','.join(f'{m:g}' for m in multiples)}]), or use y_from=rule"
+        )
+    which = f"seed {seed}" if same else f"the newest, no probe of seed {seed}"
+    return Upstream(float(rec["short_horizon_best_lr"]), [rec], f"stability probe ({which})")
+
+
 def find_small_batch(
     study_dir: str, seed: int, compat_key: str, wait_seconds: float = 0.0
 ) -> Upstream:
@@ -186,6 +220,23 @@ def derive_lr(c: Config, sdir: str, key: str) -> LRChoice:
     if stage.name == SMALL_BATCH:
         if c.lr is not None:
             return LRChoice(c.lr, "given: lr on the command line/config", extra)
+        if c.y_from == "probe":
+            pr = find_probe_optimum(sdir, c.seed, key, c.batch_size, c.upstream_wait_seconds)
+            rec = pr.records[-1]
+            x = float(rec["unstable_lr"])
+            extra.update(
+                unstable_lr=x,
+                lr_factor=pr.value / x,  # the factor the probe measured, in the rule's terms
+                upstream=pr.paths,
+                x_runs=1,
+                y_from="probe",
+            )
+            return LRChoice(
+                pr.value,
+                f"derived: y = the probe's short-horizon optimum = {pr.value / x:g} * x, x = "
+                f"{x:.6g} ({pr.selection}) from {', '.join(pr.paths)}",
+                extra,
+            )
         up = find_unstable_lr(sdir, c.seed, key, c.batch_size, c.upstream_wait_seconds, c.x_from)
         y = small_batch_lr(up.value, c.lr_factor)
         extra.update(
@@ -246,8 +297,11 @@ def precheck_upstream(c: Config, sdir: str) -> None:
     needs = STAGES[c.task].needs
     if needs is None:
         return
-    if not read_records(sdir, needs):
+    record, run = needs, needs
+    if c.task == SMALL_BATCH and c.y_from == "probe":
+        record, run = PROBE_SUMMARY, STABILITY_PROBE
+    if not read_records(sdir, record):
         raise UpstreamError(
-            f"study.dir={sdir}: no {needs} record; run `python -m batchsize_study "
-            f"experiment={needs}` first (same study.dir), or give lr=<number>"
+            f"study.dir={sdir}: no {record} record; run `python -m batchsize_study "
+            f"experiment={run}` first (same study.dir), or give lr=<number>"
         )
