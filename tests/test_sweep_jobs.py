@@ -19,7 +19,10 @@ from batchsize_study.lr_sensitivity import SUMMARY
 from batchsize_study.report.sweeps import sweeps
 from batchsize_study.study import read_records, select
 
-SHORT = ("max_steps=12", "warmup_steps=3", "val_every_steps=6")
+# Long enough (~1.8 s per point here, the overlap 1.3-1.8 s) that the two joblib workers'
+# start-up skew cannot make the first point finish before the second starts: at 12 steps (~0.4 s
+# per point) it once did, on an idle machine.
+SHORT = ("max_steps=120", "warmup_steps=10", "val_every_steps=60")
 GRID = ("experiment=lr_sweep", "sweep.multiples=[0.25,1]", *SHORT)
 FP32 = "precision=32-true"  # the CLI's smoke settings (cli_utils.SMOKE) have it too
 
@@ -67,7 +70,7 @@ def test_point_jobs_run_in_parallel_and_give_the_serial_answer(studies):
     points = read_records(jobs, "lr_sweep")
     assert sorted(r["run_id"] for r in points) == sorted(p["run_id"] for p in summary["points"])
     (a0, a1), (b0, b1) = [(r["finished_at"] - r["wall_seconds"], r["finished_at"]) for r in points]
-    assert max(a0, b0) < min(a1, b1), "the two point jobs did not overlap in time"
+    assert max(a0, b0) < min(a1, b1), f"the two point jobs did not overlap: {a0, a1, b0, b1}"
     assert _answer(jobs) == _answer(serial)
     (written,) = read_records(jobs, SUMMARY)  # by the job that completed the grid
     assert written["run_id"] == summary["run_id"]
