@@ -123,3 +123,11 @@ def analyse(
         agrees_within_2x=0.5 <= unstable_lr / boundary_lr <= 2.0,
     )
     return out
+
+
+def optimum_at_lowest_multiple(summary: dict[str, Any]) -> bool:
+    """Whether a probe summary's short-horizon optimum is its lowest multiple: the optimum may
+    then lie below the grid, so ``y_from=probe`` refuses it and the report says so."""
+    best = summary.get("short_horizon_best_multiple")
+    multiples = [float(p["multiple"]) for p in summary.get("probes") or []]
+    return best is not None and bool(multiples) and float(best) <= min(multiples)

@@ -35,6 +35,13 @@ def assert_same_losses(metrics_csv: str | os.PathLike, reference_csv: str | os.P
         assert mine[step] == pytest.approx(theirs[step], abs=1e-5), step
 
 
+def assert_fresh_interpreter_runs(code: str) -> None:
+    """``code`` exits 0 in a new interpreter from the repo root (import-cost checks: what a
+    module loads is only visible in a process that has imported nothing else)."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def cli_cmd(study: str | os.PathLike, *overrides: str, multirun: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "batchsize_study"]
     if multirun:

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from cli_utils import assert_fresh_interpreter_runs
 
 from batchsize_study.config import ModelConfig, OptimConfig, ScheduleConfig
 from batchsize_study.errors import UpstreamError
@@ -154,25 +155,18 @@ def test_the_model_side_imports_at_the_top() -> None:
 def test_light_entry_points_do_not_import_the_model() -> None:
     """The bad-config path stays fast: importing the experiment dispatcher or the config loads
     neither the model module nor transformers."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, batchsize_study.experiments, batchsize_study.config; "
         "bad = [m for m in sys.modules if m.split('.')[0] == 'transformers' or "
         "m in ('batchsize_study.model', 'batchsize_study.flops', 'batchsize_study.evaluate')]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_fresh_interpreter_runs(code)
 
 
 def test_the_data_package_loads_torch_only_for_windows() -> None:
     """The encode pool's spawned workers import batchsize_study.data: it must not pull in torch
     or Lightning until a window class is asked for."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, batchsize_study.data as d; "
         "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'eager'; "
@@ -180,5 +174,4 @@ def test_the_data_package_loads_torch_only_for_windows() -> None:
         "assert 'torch' not in sys.modules, 'light names'; "
         "d.TokenDataModule; assert 'torch' in sys.modules"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_fresh_interpreter_runs(code)

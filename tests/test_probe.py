@@ -16,6 +16,7 @@ from batchsize_study.probe_analysis import (
     analyse,
     final_loss,
     final_loss_se,
+    optimum_at_lowest_multiple,
     still_improving,
 )
 from batchsize_study.report.sections import ReportContext, probe_section
@@ -68,6 +69,13 @@ def test_final_loss_and_settings():
         ProbeConfig(multiples=[1.0])
     with pytest.raises(ConfigError, match="probe.warmup=5: use 0..probe.steps-1 \\(4\\)"):
         ProbeConfig(steps=5, warmup=5)
+
+
+def test_an_optimum_at_the_lowest_multiple_is_flagged():
+    probes = [{"multiple": m} for m in (0.125, 0.25, 0.5)]
+    assert optimum_at_lowest_multiple({"short_horizon_best_multiple": 0.125, "probes": probes})
+    assert not optimum_at_lowest_multiple({"short_horizon_best_multiple": 0.25, "probes": probes})
+    assert not optimum_at_lowest_multiple({"short_horizon_best_multiple": None, "probes": probes})
 
 
 def test_smoke_stability_probe_end_to_end(cfg_factory, tmp_path: Path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_utils import assert_fresh_interpreter_runs
 from conftest import REPO, make_cfg
 
 from batchsize_study import report, stats
@@ -312,8 +313,7 @@ def test_the_report_imports_no_training() -> None:
         "('experiments', 'training', 'recorder', 'model', 'data', 'probe'))]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_fresh_interpreter_runs(code)
 
 
 @pytest.mark.slow

@@ -11,14 +11,21 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_utils import REPO, SHORT_RUN, cli, cli_cmd, run_dirs, train_losses
+from cli_utils import (
+    REPO,
+    SHORT_RUN,
+    assert_fresh_interpreter_runs,
+    cli,
+    cli_cmd,
+    run_dirs,
+    train_losses,
+)
 from conftest import make_cfg
 
 from batchsize_study.experiments import run
@@ -351,5 +358,4 @@ def test_wandb_utils_loads_lightning_only_for_the_training_logger() -> None:
         "rank_zero_only.rank = 1; "
         "assert w.StudyWandbLogger.log_metrics(None, {'train/loss': 1.0}, 1) is None"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_fresh_interpreter_runs(code)

@@ -13,6 +13,7 @@ from typing import Any
 
 from batchsize_study import ladder
 from batchsize_study.metrics import METRICS, read_metrics
+from batchsize_study.probe_analysis import optimum_at_lowest_multiple
 from batchsize_study.report import figures, sweeps
 from batchsize_study.report.compare import (
     HYPOTHESIS,
@@ -449,15 +450,14 @@ def probe_section(sel: Selection, ctx: ReportContext) -> Section:
         "typically well below the stability limit; x and the probe boundary measure the limit."
     )
     if best:
-        lowest = min(float(p["multiple"]) for p in rec["probes"])
-        lines.append(
-            ""
-            if float(rec["short_horizon_best_multiple"]) > lowest
-            else "The optimum sits at the lowest multiple probed, so it may lie below the grid: "
+        edge = (
+            "The optimum sits at the lowest multiple probed, so it may lie below the grid: "
             "`y_from=probe` refuses it until the probe runs lower `probe.multiples`. "
+            if optimum_at_lowest_multiple(rec)
+            else ""
         )
-        lines[-1] += (
-            f"`experiment=small_batch y_from=probe` trains y at the short-horizon optimum "
+        lines.append(
+            f"{edge}`experiment=small_batch y_from=probe` trains y at the short-horizon optimum "
             f"({best / x:.3g}·x instead of the rule's lr_factor·x, 0.5·x by default); at both "
             "model sizes checked it matched the full-length sweeps' best within their factor-2 "
             "grid (docs/lr_sweep.md)."

@@ -12,6 +12,7 @@ from typing import Any
 
 from batchsize_study.config import Config
 from batchsize_study.errors import ConfigError, UpstreamError
+from batchsize_study.probe_analysis import optimum_at_lowest_multiple
 from batchsize_study.stats import median
 from batchsize_study.study.records import read_records
 from batchsize_study.study.stages import PROBE_SUMMARY, SMALL_BATCH, STABILITY_PROBE, STAGES
@@ -144,13 +145,13 @@ def find_probe_optimum(
     same = [r for r in usable if r.get("seed") == seed]
     rec = (same or usable)[-1]
     best = rec.get("short_horizon_best_multiple")
-    multiples = sorted(float(m) for m in (rec.get("probe") or {}).get("multiples") or [])
     if best is None or rec.get("short_horizon_best_lr") is None:
         raise UpstreamError(
             f"{rec['_path']}: the probe has no finite short-horizon optimum (every probe "
             "destabilised); run it with lower probe.multiples, or use y_from=rule"
         )
-    if multiples and float(best) <= multiples[0]:
+    if optimum_at_lowest_multiple(rec):
+        multiples = sorted(float(p["multiple"]) for p in rec["probes"])
         raise UpstreamError(
             f"{rec['_path']}: the probe's lowest final loss is at its lowest multiple "
             f"({float(best):g}x), so the optimum may lie below it; run the probe again with lower "
